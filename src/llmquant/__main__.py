@@ -1,0 +1,3 @@
+from llmquant.cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""The ``llmquant`` command line: thin wrappers that parse options, call a pipeline function and print."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from llmquant import __version__
+from llmquant.errors import LlmquantError
+
+MODEL_HELP = "a Hugging Face folder, a GGUF file, or the built-in demo model 'smollm2-135m'"
+
+
+class _Group(click.Group):
+    """Turns our errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LlmquantError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _not_yet(command: str) -> None:
+    raise click.ClickException(f"'llmquant {command}' is not implemented in llmquant {__version__} yet")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="llmquant")
+def cli() -> None:
+    """Make large language models small, in llama.cpp's GGUF formats.
+
+    \b
+    Typical flow:
+      llmquant convert  MODEL_DIR -o model-f16.gguf          # Hugging Face folder -> GGUF
+      llmquant imatrix  MODEL_DIR -o imatrix.gguf            # importance matrix from calibration text
+      llmquant quantize MODEL_DIR -o out.gguf --type Q4_K_M  # one command from model to quant
+      llmquant eval     out.gguf --reference MODEL_DIR       # what the quant costs (KLD, PPL)
+      llmquant inspect  out.gguf                             # what is inside a GGUF
+
+    Everywhere a model is accepted, 'smollm2-135m' names a small real model that ships with
+    the 'demo' extra, so every command can be tried offline.
+    """
+
+
+@cli.command()
+@click.argument("file", metavar="FILE.gguf")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
+@click.option("--no-tensors", is_flag=True, help="Leave out the per-tensor table; keep metadata and totals.")
+def inspect(file: str, as_json: bool, no_tensors: bool) -> None:
+    """Show what is inside a GGUF file.
+
+    Lists every tensor (name, shape in ggml order, type, bytes), the totals per type, the
+    model's bits per weight and key metadata (architecture, context length, layers, tokenizer,
+    file type such as Q4_K_M). A truncated, corrupt or non-GGUF file gets a one-line error.
+
+    \b
+    Examples:
+      llmquant inspect model-Q4_K_M.gguf
+      llmquant inspect smollm2-135m --no-tensors
+      llmquant inspect model.gguf --json | jq .bits_per_weight
+    """
+    from llmquant.pipeline.inspect import format_summary, inspect_gguf, summary_json
+
+    summary = inspect_gguf(file)
+    click.echo(summary_json(summary) if as_json else format_summary(summary, show_tensors=not no_tensors))
+
+
+@cli.command()
+@click.argument("model", metavar="MODEL")
+@click.option("-o", "--output", required=True, metavar="OUT.gguf", help="The GGUF file to write.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"], case_sensitive=False), default="f16",
+              show_default=True, help="Tensor type of the weight matrices (norms and biases stay F32).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Also read pickled PyTorch .bin weights. Unpickling can run code: use only on files you trust.")
+def convert(model: str, output: str, outtype: str, allow_pickle: bool) -> None:
+    """Convert a Hugging Face model folder to GGUF, as llama.cpp's converter does.
+
+    MODEL is a folder with config.json, safetensors weights and a tokenizer, or 'smollm2-135m'.
+
+    \b
+    Examples:
+      llmquant convert ./Llama-3.2-1B -o llama-f16.gguf
+      llmquant convert smollm2-135m -o smollm2-f32.gguf --outtype f32
+    """
+    _not_yet("convert")
+
+
+@cli.command()
+@click.argument("model", metavar="MODEL")
+@click.option("-f", "--file", "text_files", multiple=True, metavar="TEXT",
+              help="Calibration text: plain text or JSONL with a 'text' field; repeatable. Default: built-in text.")
+@click.option("-o", "--output", default="imatrix.gguf", show_default=True, help="The imatrix file to write.")
+@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", type=int, default=None, help="Use at most this many chunks (default: all).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Chunks per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+def imatrix(model: str, text_files: tuple[str, ...], output: str, ctx: int, chunks: int | None, batch: int,
+            device: str) -> None:
+    """Compute an importance matrix from calibration text (llama.cpp's imatrix GGUF format).
+
+    \b
+    Examples:
+      llmquant imatrix smollm2-135m -o imatrix.gguf --chunks 32
+      llmquant imatrix ./model -f wiki.txt -f chat.jsonl --ctx 512 --device cuda
+    """
+    _not_yet("imatrix")
+
+
+@cli.command()
+@click.argument("model", metavar="MODEL")
+@click.option("-o", "--output", required=True, help="Output GGUF file, or a folder when several types are given.")
+@click.option("-t", "--type", "types", required=True, metavar="TYPE[,TYPE…]",
+              help="llama.cpp file type(s): Q4_K_M, Q5_K_M, Q8_0, IQ4_XS, …")
+@click.option("--imatrix", "imatrix_file", default=None, help="An importance matrix file (ours or llama.cpp's).")
+@click.option("--calib", multiple=True, help="Compute an importance matrix on the fly from this text (repeatable).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+def quantize(model: str, output: str, types: str, imatrix_file: str | None, calib: tuple[str, ...],
+             threads: int | None, device: str) -> None:
+    """Quantize a model to one of llama.cpp's mixes, with the same tensor types as llama-quantize.
+
+    \b
+    Examples:
+      llmquant quantize smollm2-135m -o smollm2-Q4_K_M.gguf --type Q4_K_M
+      llmquant quantize ./model -o quants/ --type Q4_K_M,Q5_K_M,IQ4_XS --calib wiki.txt
+    """
+    _not_yet("quantize")
+
+
+@cli.command(name="eval")
+@click.argument("model", metavar="MODEL")
+@click.option("--reference", required=True, help="Full-precision model (HF folder, F32/F16 GGUF) or saved logits.")
+@click.option("-f", "--file", "text_files", multiple=True, help="Evaluation text (default: built-in text).")
+@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", type=int, default=None, help="Use at most this many chunks.")
+@click.option("--backend", type=click.Choice(["llama.cpp", "torch"]), default="llama.cpp", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def eval_(model: str, reference: str, text_files: tuple[str, ...], ctx: int, chunks: int | None, backend: str,
+          as_json: bool) -> None:
+    """Measure what a quant costs: KL-divergence, perplexity and top-token agreement.
+
+    \b
+    Example:
+      llmquant eval smollm2-Q4_K_M.gguf --reference smollm2-135m --chunks 20
+    """
+    _not_yet("eval")
+
+
+def main() -> None:
+    try:
+        cli(prog_name="llmquant")
+    except KeyboardInterrupt:
+        click.echo("llmquant: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

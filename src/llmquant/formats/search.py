@@ -1,0 +1,1 @@
+"""Shared scale searches (weighted least squares over candidate scales) the format families call."""

@@ -1,0 +1,1 @@
+"""The jobs (inspect, convert, imatrix, quantize, eval), composed from the library's parts."""

@@ -1,0 +1,32 @@
+"""The command line: version, and --help for every command teaches with an example."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from llmquant import __version__
+from llmquant.cli import cli
+
+COMMANDS = ["convert", "imatrix", "quantize", "eval", "inspect"]
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_top_level_help_lists_every_command():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_help_has_an_example(command: str):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.output
+    assert f"llmquant {command}" in result.output
