@@ -1,1 +1,7 @@
-"""(to be written)"""
+"""Unquantized types: F32, F16, BF16 (block size 1)."""
+
+from __future__ import annotations
+
+import torch
+
+from llmquant.formats.base import BlockFormat
