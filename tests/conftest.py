@@ -49,3 +49,27 @@ def tiny_llama_hf(test_cache: Path, smollm2_hf: Path) -> Path:
 def tiny_model_hf(request, test_cache: Path, smollm2_hf: Path) -> Path:
     """Each tiny random architecture in turn."""
     return build_tiny_model(request.param, test_cache / f"tiny-{request.param}", tokenizer_from=smollm2_hf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32_gguf(test_cache: Path, smollm2_gguf: Path) -> Path:
+    """The real model as an F32 GGUF (the Q4_1 file dequantized; all metadata kept)."""
+    from tests.gguf_fixtures import smollm2_gguf_as
+
+    return smollm2_gguf_as(smollm2_gguf, test_cache, "F32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_q8_0_gguf(test_cache: Path, smollm2_gguf: Path) -> Path:
+    """The real model's dequantized weights quantized to Q8_0 by ggml."""
+    from tests.gguf_fixtures import smollm2_gguf_as
+
+    return smollm2_gguf_as(smollm2_gguf, test_cache, "Q8_0")
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4_0_gguf(test_cache: Path, smollm2_gguf: Path) -> Path:
+    """The real model's dequantized weights quantized to Q4_0 by ggml."""
+    from tests.gguf_fixtures import smollm2_gguf_as
+
+    return smollm2_gguf_as(smollm2_gguf, test_cache, "Q4_0")
