@@ -26,7 +26,7 @@ def test_inspect_lists_all_272_tensors_with_their_types(smollm2_gguf: Path):
     report = json.loads(result.output)
     _, raw = read_tensor_table(smollm2_gguf)
     assert report["n_tensors"] == len(raw) == 272
-    for entry, (name, dims, type_id) in zip(report["tensors"], raw):
+    for entry, (name, dims, type_id) in zip(report["tensors"], raw, strict=True):
         assert entry["name"] == name
         assert entry["shape"] == dims
         assert entry["type"] == GGMLQuantizationType(type_id).name

@@ -9,7 +9,7 @@ Pure block math: nothing here knows of files, models or the command line.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

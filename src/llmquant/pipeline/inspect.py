@@ -33,7 +33,8 @@ def format_summary(summary: GGUFSummary, show_tensors: bool = True) -> str:
         lines += ["", f"  {'#':>4}  {'name':<{name_w}}  {'shape (ne0 first)':<{max(shape_w, 17)}}  {'type':<6}  bytes"]
         for i, t in enumerate(summary.tensors):
             shape = " x ".join(map(str, t.shape))
-            lines.append(f"  {i:>4}  {t.name:<{name_w}}  {shape:<{max(shape_w, 17)}}  {t.type_name:<6}  {t.n_bytes:>12,}")
+            shape_col = f"{shape:<{max(shape_w, 17)}}"
+            lines.append(f"  {i:>4}  {t.name:<{name_w}}  {shape_col}  {t.type_name:<6}  {t.n_bytes:>12,}")
     lines += ["", f"  {'type':<6}  {'tensors':>7}  {'weights':>14}  {'bytes':>14}  {'bits/weight':>11}"]
     for type_name, tot in summary.totals_by_type().items():
         bpw = 8.0 * tot["bytes"] / tot["elements"] if tot["elements"] else 0.0
