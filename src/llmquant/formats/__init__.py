@@ -70,15 +70,9 @@ def quantize(weights, type_name: str, imatrix=None, chunk_rows: int | None = Non
     out = np.empty((rows, row_bytes), dtype=np.uint8)
     step = chunk_rows or max(1, _CHUNK_WEIGHTS // max(n_per_row, 1))
     for start in range(0, rows, step):
-        chunk = w[start:start + step]
-        n = chunk.shape[0]
-        blocks = chunk.reshape(n * blocks_per_row, fmt.block_size)
-        block_importance = None
-        if importance is not None:
-            block_importance = importance.reshape(1, blocks_per_row, fmt.block_size).expand(n, -1, -1)
-            block_importance = block_importance.reshape(n * blocks_per_row, fmt.block_size)
-        data = fmt.quantize_blocks(blocks.contiguous(), block_importance)
-        out[start:start + n] = data.reshape(n, row_bytes).cpu().numpy()
+        chunk = w[start:start + step].contiguous()
+        data = fmt.quantize_rows(chunk, importance)
+        out[start:start + chunk.shape[0]] = data.reshape(chunk.shape[0], row_bytes).cpu().numpy()
     return out
 
 

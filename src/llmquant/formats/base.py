@@ -39,6 +39,20 @@ class BlockFormat:
         """uint8 ``[n_blocks, bytes_per_block]`` → float32 ``[n_blocks, block_size]``."""
         raise NotImplementedError
 
+    def quantize_rows(self, rows: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        """float32 ``[n_rows, n_per_row]`` (+ one importance per column, ``[n_per_row]``, or None)
+        → uint8 ``[n_rows, row_bytes]``.
+
+        Cuts the rows into blocks for ``quantize_blocks``. A format whose ggml search also uses a statistic
+        of the whole row (the legacy types' imatrix paths weigh by the row's mean square) overrides this.
+        """
+        n_rows = rows.shape[0]
+        blocks = rows.reshape(-1, self.block_size)
+        block_importance = None
+        if importance is not None:
+            block_importance = importance.reshape(1, -1).expand(n_rows, -1).reshape(-1, self.block_size)
+        return self.quantize_blocks(blocks, block_importance).reshape(n_rows, -1)
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(block_size={self.block_size}, bytes_per_block={self.bytes_per_block}, "
                 f"needs_imatrix={self.needs_imatrix})")

@@ -5,3 +5,59 @@ from __future__ import annotations
 import torch
 
 from llmquant.formats.base import BlockFormat
+
+
+class F32(BlockFormat):
+    """Plain float32, stored as its four little-endian bytes (ggml copies the row)."""
+
+    name = "F32"
+    block_size = 1
+    bytes_per_block = 4
+
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        return blocks.to(torch.float32).contiguous().view(torch.uint8).reshape(-1, 4)
+
+    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
+        return data.contiguous().view(torch.float32).reshape(-1, 1)
+
+
+class F16(BlockFormat):
+    """IEEE half precision, rounded to nearest even as ggml's ggml_compute_fp32_to_fp16."""
+
+    name = "F16"
+    block_size = 1
+    bytes_per_block = 2
+
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        values = blocks.to(torch.float32).reshape(-1)
+        bits = values.to(torch.float16).view(torch.int16)
+        # ggml writes every NaN as the quiet NaN 0x7e00 with the input's sign; torch keeps payload bits
+        quiet_nan = torch.where(torch.signbit(values), torch.tensor(-0x200, dtype=torch.int16, device=values.device),
+                                torch.tensor(0x7E00, dtype=torch.int16, device=values.device))
+        bits = torch.where(torch.isnan(values), quiet_nan, bits)
+        return bits.view(torch.uint8).reshape(-1, 2)
+
+    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
+        return data.contiguous().view(torch.float16).to(torch.float32).reshape(-1, 1)
+
+
+class BF16(BlockFormat):
+    """bfloat16: the top half of float32, rounded to nearest even, as ggml's ggml_compute_fp32_to_bf16."""
+
+    name = "BF16"
+    block_size = 1
+    bytes_per_block = 2
+
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        # int64 holds the unsigned 32-bit pattern, so the rounding carry cannot overflow
+        bits = blocks.to(torch.float32).contiguous().view(torch.int32).reshape(-1).to(torch.int64) & 0xFFFFFFFF
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        quieted = (bits >> 16) | 64  # ggml keeps a NaN's top bits and forces it quiet
+        half = torch.where(is_nan, quieted, rounded) & 0xFFFF
+        return torch.stack([half & 0xFF, half >> 8], dim=1).to(torch.uint8)
+
+    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
+        half = data.to(torch.int32)
+        bits = (half[:, 0] | (half[:, 1] << 8)) << 16
+        return bits.view(torch.float32).reshape(-1, 1)

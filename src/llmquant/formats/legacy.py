@@ -13,6 +13,151 @@ from llmquant.formats.base import BlockFormat
 
 # ==== symmetric: Q8_0, Q4_0, Q5_0 ====
 
+
+def _sym_fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """float32 ``[n]`` → ggml_half bytes ``[n, 2]`` (little-endian; torch rounds to nearest even like ggml)."""
+    return values.to(torch.float16).view(torch.uint8).reshape(-1, 2)
+
+
+def _sym_fp16_values(data: torch.Tensor) -> torch.Tensor:
+    """ggml_half bytes ``[n, 2]`` → float32 ``[n]``."""
+    return data.contiguous().view(torch.float16).to(torch.float32).reshape(-1)
+
+
+def _sym_round_half_away(values: torch.Tensor) -> torch.Tensor:
+    """C's roundf (ties away from zero); torch.round ties to even. Exact: the fraction of a float is exact."""
+    magnitude = values.abs()
+    whole = magnitude.floor()
+    rounded = torch.where(magnitude - whole >= 0.5, whole + 1, whole)
+    return torch.copysign(rounded, values)
+
+
+def _sym_inverse_or_zero(scale: torch.Tensor) -> torch.Tensor:
+    # ggml's `id = d ? 1.0f/d : 0.0f`
+    nonzero = scale != 0
+    safe = torch.where(nonzero, scale, torch.ones_like(scale))
+    return torch.where(nonzero, search.divide_scalar_by(1.0, safe), torch.zeros_like(scale))
+
+
+def _sym_row_mean_square(rows: torch.Tensor) -> torch.Tensor:
+    """``sigma2`` of ggml's quantize_row_q4_0_impl / q5_0_impl: the row's sum of x², summed left to right
+    in float, over the row length."""
+    sum_x2 = search.sequential_sum(rows * rows)
+    return sum_x2 / torch.full_like(sum_x2, float(rows.shape[1]))
+
+
+def _sym_scale_and_levels(
+    blocks: torch.Tensor, importance: torch.Tensor | None, sigma2: torch.Tensor | None, nmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and levels in [0, 2·nmax) of Q4_0 (nmax 8) and Q5_0 (nmax 16).
+
+    Without importance, ggml's quantize_row_q4_0_ref: the scale maps the value of largest magnitude to
+    -nmax and values round by truncating ``x/d + nmax + 0.5``. With importance, quantize_row_q4_0_impl:
+    make_qx_quants weighted by ``importance·sqrt(sigma2 + x²)``, sigma2 being the row's mean square.
+    """
+    if importance is None:
+        signed_max = search.signed_absmax(blocks)
+        scale = signed_max / torch.full_like(signed_max, float(-nmax))
+        scaled = blocks * _sym_inverse_or_zero(scale)[:, None]
+        levels = (scaled + (nmax + 0.5)).trunc().clamp_(max=2 * nmax - 1).to(torch.int32)
+        return scale, levels
+    if sigma2 is None:  # called on bare blocks: each block is its own row
+        sigma2 = _sym_row_mean_square(blocks)
+    weights = importance * search.sqrt_f32(sigma2[:, None] + blocks * blocks)
+    return search.make_qx_quants(blocks, nmax, rmse_type=1, weights=weights)
+
+
+def _sym_pack_nibbles(levels: torch.Tensor) -> torch.Tensor:
+    # ggml's qs: byte j holds value j in its low nibble and value j+16 in its high nibble
+    return ((levels[:, :16] & 0xF) | ((levels[:, 16:] & 0xF) << 4)).to(torch.uint8)
+
+
+def _sym_unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    qs = qs.to(torch.int32)
+    return torch.cat([qs & 0xF, qs >> 4], dim=1)
+
+
+class _SymmetricLegacy(BlockFormat):
+    """Q4_0/Q5_0: the imatrix search needs the row's mean square, so rows are quantized here whole."""
+
+    nmax: int
+
+    def _pack(self, scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        return self._pack(*_sym_scale_and_levels(blocks, importance, None, self.nmax))
+
+    def quantize_rows(self, rows: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        n_rows, n_per_row = rows.shape
+        blocks = rows.reshape(-1, self.block_size)
+        if importance is None:
+            return self.quantize_blocks(blocks, None).reshape(n_rows, -1)
+        blocks_per_row = n_per_row // self.block_size
+        sigma2 = _sym_row_mean_square(rows).repeat_interleave(blocks_per_row)
+        block_importance = importance.reshape(1, -1).expand(n_rows, -1).reshape(-1, self.block_size)
+        scale, levels = _sym_scale_and_levels(blocks, block_importance, sigma2, self.nmax)
+        return self._pack(scale, levels).reshape(n_rows, -1)
+
+
+class Q8_0(BlockFormat):
+    """8-bit levels and one fp16 scale per 32 weights: ggml's quantize_row_q8_0_ref (ggml ignores the imatrix)."""
+
+    name = "Q8_0"
+    block_size = 32
+    bytes_per_block = 34
+
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        amax = blocks.abs().amax(dim=1)
+        scale = amax / torch.full_like(amax, 127.0)
+        levels = _sym_round_half_away(blocks * _sym_inverse_or_zero(scale)[:, None]).to(torch.int8)
+        return torch.cat([_sym_fp16_bytes(scale), levels.view(torch.uint8)], dim=1)
+
+    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
+        scale = _sym_fp16_values(data[:, :2])
+        return data[:, 2:].contiguous().view(torch.int8).to(torch.float32) * scale[:, None]
+
+
+class Q4_0(_SymmetricLegacy):
+    """4-bit levels around 8 and one fp16 scale per 32 weights."""
+
+    name = "Q4_0"
+    block_size = 32
+    bytes_per_block = 18
+    nmax = 8
+
+    def _pack(self, scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_sym_fp16_bytes(scale), _sym_pack_nibbles(levels)], dim=1)
+
+    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
+        scale = _sym_fp16_values(data[:, :2])
+        levels = _sym_unpack_nibbles(data[:, 2:]) - 8
+        return levels.to(torch.float32) * scale[:, None]
+
+
+class Q5_0(_SymmetricLegacy):
+    """5-bit levels around 16 (low nibbles in qs, fifth bits in a 32-bit qh) and one fp16 scale per 32 weights."""
+
+    name = "Q5_0"
+    block_size = 32
+    bytes_per_block = 22
+    nmax = 16
+
+    def _pack(self, scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        # qh: bit e of the little-endian uint32 is the fifth bit of value e
+        fifth = ((levels >> 4) & 1).reshape(-1, 4, 8)
+        shifts = torch.arange(8, device=levels.device, dtype=torch.int32)
+        qh = (fifth << shifts).sum(dim=2).to(torch.uint8)
+        return torch.cat([_sym_fp16_bytes(scale), qh, _sym_pack_nibbles(levels)], dim=1)
+
+    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
+        scale = _sym_fp16_values(data[:, :2])
+        shifts = torch.arange(8, device=data.device, dtype=torch.int32)
+        fifth = ((data[:, 2:6].to(torch.int32)[:, :, None] >> shifts) & 1).reshape(-1, 32)
+        levels = (_sym_unpack_nibbles(data[:, 6:]) | (fifth << 4)) - 16
+        return levels.to(torch.float32) * scale[:, None]
+
+
 # ==== end of symmetric ====
 
 # ==== scale + min: Q4_1, Q5_1 ====

@@ -10,8 +10,372 @@ import torch
 
 # ==== symmetric searches (make_qx_quants, make_q3_quants, nearest_int) ====
 
+# ggml's threshold below which a group counts as all zero (GROUP_MAX_EPS in ggml-quants.c)
+GROUP_MAX_EPS = 1e-15
+
+
+def nearest_int(values: torch.Tensor) -> torch.Tensor:
+    """float32 → int32 exactly as ggml's nearest_int: add 1.5·2^23 and read the low mantissa bits.
+
+    In range this is round-half-to-even; out of range it wraps the way ggml's bit trick does."""
+    bits = (values.to(torch.float32) + 12582912.0).view(torch.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def divide_scalar_by(numerator: float, values: torch.Tensor) -> torch.Tensor:
+    """``numerator / values`` rounded once, as C's float division (torch's ``scalar / tensor`` takes a
+    reciprocal and then multiplies, which rounds twice)."""
+    return torch.full_like(values, numerator).div_(values)
+
+
+def sqrt_f32(values: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root, as C's sqrtf (torch's CPU float32 sqrt can be 1 ulp off).
+
+    The float64 root rounded to float32 is corrected by comparing x with the squares of the neighbouring
+    float32 midpoints, which float64 holds exactly."""
+    wide = values.to(torch.float64)
+    root = wide.sqrt().to(torch.float32)
+    up = torch.nextafter(root, torch.full_like(root, float("inf")))
+    down = torch.nextafter(root, torch.zeros_like(root))
+    mid_up = (root.to(torch.float64) + up.to(torch.float64)) * 0.5
+    mid_down = (root.to(torch.float64) + down.to(torch.float64)) * 0.5
+    root = torch.where((wide > mid_up * mid_up) & torch.isfinite(up), up, root)
+    return torch.where((wide < mid_down * mid_down) & (root > 0), down, root)
+
+
+def sequential_sum(terms: torch.Tensor) -> torch.Tensor:
+    """Sum ``[n_groups, n]`` along n left to right in float32, as ggml's scalar loops accumulate
+    (torch's reductions add pairwise, which differs in the last bit and flips near-ties)."""
+    columns = terms.t()
+    total = torch.zeros_like(columns[0])
+    for column in columns:
+        total = total + column
+    return total
+
+
+def signed_absmax(x: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude in each group, keeping its sign; the first one wins on ties and an
+    all-zero group gives +0 (as ggml's ``if (ax > amax) { amax = ax; max = x[i]; }``)."""
+    magnitude = x.abs()
+    amax = magnitude.amax(dim=1, keepdim=True)
+    positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    first = torch.where(magnitude == amax, positions, x.shape[1]).amin(dim=1, keepdim=True)
+    picked = x.gather(1, first).squeeze(1)
+    return torch.where(amax.squeeze(1) > 0, picked, torch.zeros_like(picked))
+
+
+def _f32(value: float) -> float:
+    """Round a Python float to the nearest float32, for constants ggml computes in float."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def _rmse_weights(x: torch.Tensor, rmse_type: int) -> torch.Tensor:
+    # the weight of each value in make_qx_quants when no importance is given
+    if rmse_type == 1:
+        return x * x
+    if rmse_type == 2:
+        return torch.ones_like(x)
+    if rmse_type == 3:
+        return x.abs()
+    return x.abs().sqrt()
+
+
+def make_qx_quants(
+    x: torch.Tensor, nmax: int, rmse_type: int = 1, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric scale search, as ggml's make_qx_quants: levels ``l`` in [-nmax, nmax) with ``x ≈ scale·l``.
+
+    Starts from ``-nmax / max`` and (for rmse_type > 0) tries the 18 neighbouring inverse scales
+    ``-(nmax + 0.1·k) / max``, keeping the one with the best weighted least-squares fit
+    (``sumlx² / suml2``). ``weights`` replaces the rmse_type weighting when given; a negative rmse_type
+    returns after the first fit with the mean of the two scales; 0 skips the fit.
+    Returns ``(scale [n_groups], levels [n_groups, n] int32 in [0, 2·nmax))``; all-zero groups give 0, 0.
+    """
+    signed_max = signed_absmax(x)
+    all_zero = signed_max.abs() < GROUP_MAX_EPS
+    safe_max = torch.where(all_zero, torch.ones_like(signed_max), signed_max)
+
+    def levels_for(inverse_scale: torch.Tensor) -> torch.Tensor:
+        return nearest_int(inverse_scale[:, None] * x).clamp_(-nmax, nmax - 1)
+
+    inverse_scale = divide_scalar_by(float(-nmax), safe_max)
+    levels = levels_for(inverse_scale)
+    zero_scale = torch.zeros_like(signed_max)
+
+    def finish(scale: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        levels = torch.where(all_zero[:, None], torch.zeros_like(levels), levels + nmax)
+        return torch.where(all_zero, zero_scale, scale), levels
+
+    if rmse_type == 0:
+        return finish(divide_scalar_by(1.0, inverse_scale), levels)
+    return_early = rmse_type < 0
+    w = weights if weights is not None else _rmse_weights(x, abs(rmse_type))
+    wx = w * x
+
+    def fit(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        as_float = levels.to(torch.float32)
+        return sequential_sum(wx * as_float), sequential_sum(w * as_float * as_float)
+
+    sumlx, suml2 = fit(levels)
+    scale = torch.where(suml2 != 0, sumlx / suml2, zero_scale)
+    if return_early:
+        first_guess = divide_scalar_by(1.0, inverse_scale)
+        return finish(torch.where(suml2 > 0, 0.5 * (scale + first_guess), first_guess), levels)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        # -(nmax + 0.1f*is) / max, with the numerator rounded to float as in ggml
+        numerator = -_f32(float(nmax) + _f32(_f32(0.1) * step))
+        candidate = levels_for(divide_scalar_by(numerator, safe_max))
+        cand_sumlx, cand_suml2 = fit(candidate)
+        better = (cand_suml2 > 0) & (cand_sumlx * cand_sumlx > best * cand_suml2)
+        levels = torch.where(better[:, None], candidate, levels)
+        scale = torch.where(better, cand_sumlx / cand_suml2, scale)
+        best = torch.where(better, scale * cand_sumlx, best)
+    return finish(scale, levels)
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric scale search of Q3_K's reference path, as ggml's make_q3_quants.
+
+    Rounds with ``-nmax / max``; with ``do_rmse`` then moves one level at a time (five passes, weights x²)
+    while that improves the least-squares fit, updating the running sums after each value as ggml does.
+    Returns ``(scale [n_groups], levels [n_groups, n] int32 in [0, 2·nmax))``; all-zero groups give 0, 0.
+    """
+    signed_max = signed_absmax(x)
+    all_zero = signed_max.abs() < GROUP_MAX_EPS
+    safe_max = torch.where(all_zero, torch.ones_like(signed_max), signed_max)
+    inverse_scale = divide_scalar_by(float(-nmax), safe_max)
+    levels = nearest_int(inverse_scale[:, None] * x).clamp_(-nmax, nmax - 1)
+    zero_scale = torch.zeros_like(signed_max)
+    if not do_rmse:
+        scale = divide_scalar_by(1.0, inverse_scale)
+    else:
+        w = x * x
+        wx = w * x
+        as_float = levels.to(torch.float32)
+        sumlx = sequential_sum(wx * as_float)
+        suml2 = sequential_sum(w * as_float * as_float)
+        # value by value, in ggml's order: each accepted move changes the sums the next value sees.
+        # A pass with no move leaves the state unchanged, so ggml's early break needs no mask here.
+        columns = levels.t().contiguous()
+        x_columns, w_columns, wx_columns = x.t(), w.t(), wx.t()
+        for _ in range(5):
+            for i in range(x.shape[1]):
+                xi, wi, wxi = x_columns[i], w_columns[i], wx_columns[i]
+                current = columns[i].to(torch.float32)
+                without_lx = sumlx - wxi * current
+                without_l2 = suml2 - wi * current * current
+                proposed = nearest_int(xi * without_l2 / without_lx).clamp_(-nmax, nmax - 1)
+                proposed_f = proposed.to(torch.float32)
+                new_lx = without_lx + wxi * proposed_f
+                new_l2 = without_l2 + wi * proposed_f * proposed_f
+                accept = (
+                    (without_lx > 0)
+                    & (proposed != columns[i])
+                    & (new_l2 > 0)
+                    & (new_lx * new_lx * suml2 > sumlx * sumlx * new_l2)
+                )
+                columns[i] = torch.where(accept, proposed, columns[i])
+                sumlx = torch.where(accept, new_lx, sumlx)
+                suml2 = torch.where(accept, new_l2, suml2)
+        levels = columns.t()
+        scale = torch.where(suml2 > 0, sumlx / suml2, zero_scale)
+    levels = torch.where(all_zero[:, None], torch.zeros_like(levels), levels + nmax)
+    return torch.where(all_zero, zero_scale, scale), levels
+
+
 # ==== end of symmetric searches ====
 
 # ==== scale + min searches (make_qkx1/2/3_quants, make_qp_quants) ====
+# make_qkx1_quants is left out: llama.cpp's Q4_K/Q5_K reference paths no longer call it (commented out there).
+# Every sum below is accumulated one element at a time in float32, in ggml's order (ggml-base is built without
+# -ffast-math, so its float loops are sequential): that is what makes the chosen candidate byte-identical.
+
+
+def _mm_float32(value: float) -> float:
+    """A Python float rounded to float32, so constants such as 0.1f enter the math as ggml's C sees them."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+def _mm_scalar_over(value: float, tensor: torch.Tensor) -> torch.Tensor:
+    """value / tensor as one float32 division: torch's ``scalar / tensor`` multiplies by a reciprocal instead."""
+    return torch.full_like(tensor, value) / tensor
+
+
+def _mm_over_scalar(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    """tensor / value as a true division (on CUDA, ``tensor / scalar`` multiplies by the scalar's reciprocal)."""
+    return tensor / torch.full_like(tensor, value)
+
+
+def _mm_sqrt(values: torch.Tensor) -> torch.Tensor:
+    """sqrtf, correctly rounded: torch's float32 CPU sqrt (Sleef, 0.5001 ulp) is not; via float64 it is exact."""
+    return torch.sqrt(values.to(torch.float64)).to(torch.float32)
+
+
+def _mm_nearest_int(values: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int (the 12582912 float trick): round half to even, as torch.round does; stays float."""
+    return torch.round(values)
+
+
+def _mm_sequential_sum(terms: torch.Tensor) -> torch.Tensor:
+    """Sum ``[n_groups, n]`` over n in float32, first term to last, as ggml's scalar loops do."""
+    columns = terms.t().contiguous()
+    total = columns[0].clone()
+    for column in columns[1:]:
+        total = total + column
+    return total
+
+
+def _mm_sequential_sum_rows(terms: torch.Tensor) -> torch.Tensor:
+    """Sum ``[n, ...]`` over its first dim in float32, first row to last (element-major layout)."""
+    total = terms[0].clone()
+    for row in terms[1:]:
+        total = total + row
+    return total
+
+
+def _mm_search_scale_and_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                             nstep: int, use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The body shared by llama.cpp's make_qkx2_quants and make_qkx3_quants: fit ``x ≈ scale * L + min``
+    (L in 0..nmax, min <= 0) by weighted least squares over nstep+1 candidate inverse scales, keep the best.
+
+    The candidates run one after another, as in ggml: once one is kept, its min is the one the next candidates
+    are computed from (``(rmin + rdelta*is + nmax)/(max - min)`` and ``x - min``), so they cannot be batched.
+    """
+    xt = x.t().contiguous()  # [n, n_groups]: element-major, so each step of a sequential sum reads one row
+    wt = weights.t().contiguous()
+    low = x.amin(dim=1)
+    high = x.amax(dim=1)
+    sums = _mm_sequential_sum_rows(torch.stack([wt, wt * xt], dim=1))  # sum_w, sum_x: [2, n_groups]
+    sum_w, sum_x = sums[0], sums[1]
+    low = torch.where(low > 0, torch.zeros_like(low), low)
+    flat = high <= low  # all values equal (for make_qkx2's `max == min` this is the same set of groups)
+    high = torch.where(flat, low + 1, high)  # only keeps the flat groups finite; their result is fixed below
+
+    def levels_for(iscale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return _mm_nearest_int(iscale * (xt - offset)).clamp_(0, nmax)
+
+    def error_of(scale: torch.Tensor, offset: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        # sum_i w_i * |scale*L_i + min - x_i| (or its square), in ggml's order
+        diff = scale * levels + offset - xt
+        diff = diff.abs() if use_mad else diff * diff
+        return _mm_sequential_sum_rows(wt * diff)
+
+    inverse_scale = _mm_scalar_over(nmax, high - low)
+    best_scale = _mm_scalar_over(1.0, inverse_scale)
+    best_min = low
+    best_levels = levels_for(inverse_scale, low)
+    best_error = error_of(best_scale, best_min, best_levels)
+    if nstep >= 1:
+        rmin32, rdelta32 = _mm_float32(rmin), _mm_float32(rdelta)
+        for step in range(nstep + 1):
+            numerator = _mm_float32(_mm_float32(_mm_float32(rdelta32 * step) + rmin32) + nmax)
+            levels = levels_for(_mm_scalar_over(numerator, high - best_min), best_min)
+            weighted = wt * levels
+            sums = _mm_sequential_sum_rows(torch.stack([weighted, weighted * levels, weighted * xt], dim=1))
+            sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
+            det = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            positive = this_min > 0
+            this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
+            this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+            error = error_of(this_scale, this_min, levels)
+            # kept only if strictly better: the first best candidate wins
+            better = (det > 0) & (error < best_error)
+            best_error = torch.where(better, error, best_error)
+            best_scale = torch.where(better, this_scale, best_scale)
+            best_min = torch.where(better, this_min, best_min)
+            best_levels = torch.where(better[None, :], levels, best_levels)
+    best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
+    best_min = torch.where(flat, low, best_min)
+    best_levels = torch.where(flat[None, :], torch.zeros_like(best_levels), best_levels)
+    return best_scale, -best_min, best_levels.t().to(torch.uint8).contiguous()
+
+
+def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                     use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As llama.cpp's make_qkx2_quants: ``x ≈ scale * L - the_min`` per group, L in 0..nmax.
+
+    ``x``, ``weights``: float32 ``[n_groups, group_size]``. Returns (scale ``[n_groups]``, the_min ``[n_groups]``
+    (>= 0, subtracted), L uint8 ``[n_groups, group_size]``).
+    """
+    return _mm_search_scale_and_min(x, weights, nmax, rmin, rdelta, nstep, use_mad)
+
+
+def make_qkx3_quants(x: torch.Tensor, weights: torch.Tensor | None, nmax: int, rmin: float, rdelta: float,
+                     nstep: int, use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As llama.cpp's make_qkx3_quants: make_qkx2's search, weighting by x² where no weights are given."""
+    if weights is None:
+        weights = x * x
+    return _mm_search_scale_and_min(x, weights, nmax, rmin, rdelta, nstep, use_mad)
+
+
+# ggml's GROUP_MAX_EPS: below this a group of (sub-block) scales counts as all zero
+_MM_GROUP_MAX_EPS = _mm_float32(1e-15)
+
+
+def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As llama.cpp's make_qp_quants: quantize non-negative values (the sub-block scales or mins of a
+    super-block) to ``scale * L``, L in 0..nmax: 8 candidate scales, then up to 5 passes moving one L at a time.
+
+    ``x``, ``weights``: float32 ``[n_groups, n]``. Returns (scale ``[n_groups]``, L uint8 ``[n_groups, n]``).
+    """
+    n_groups, n = x.shape
+    xt = x.t().contiguous()
+    wt = weights.t().contiguous()
+    high = torch.clamp(x.amax(dim=1), min=0.0)
+    all_zero = high < _MM_GROUP_MAX_EPS
+    high = torch.where(all_zero, torch.ones_like(high), high)
+
+    def squared_error(iscale: torch.Tensor, clamp: bool) -> torch.Tensor:
+        scale = _mm_scalar_over(1.0, iscale)
+        total = torch.zeros_like(high)
+        for i in range(n):
+            level = _mm_nearest_int(iscale * xt[i])
+            if clamp:
+                level = level.clamp(max=nmax)
+            diff = xt[i] - scale * level
+            total = total + wt[i] * diff * diff
+        return total
+
+    best_iscale = _mm_scalar_over(nmax, high)
+    best_error = squared_error(best_iscale, clamp=False)
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        numerator = _mm_float32(_mm_float32(_mm_float32(0.1) * step) + nmax)
+        iscale = _mm_scalar_over(numerator, high)
+        error = squared_error(iscale, clamp=True)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_iscale = torch.where(better, iscale, best_iscale)
+
+    levels = [_mm_nearest_int(best_iscale * xt[i]).clamp(max=nmax) for i in range(n)]
+    sum_lx = torch.zeros_like(high)
+    sum_l2 = torch.zeros_like(high)
+    for i in range(n):
+        sum_lx = sum_lx + wt[i] * xt[i] * levels[i]
+        sum_l2 = sum_l2 + wt[i] * levels[i] * levels[i]
+    # a pass that changes nothing leaves the state as it was, so running all 5 equals ggml's early exit
+    for _ in range(5):
+        for i in range(n):
+            w, xi, li = wt[i], xt[i], levels[i]
+            slx = sum_lx - w * xi * li
+            sl2 = sum_l2 - w * li * li
+            usable = (slx > 0) & (sl2 > 0)
+            new_l = _mm_nearest_int(xi * sl2 / torch.where(usable, slx, torch.ones_like(slx))).clamp(max=nmax)
+            slx = slx + w * xi * new_l
+            sl2 = sl2 + w * new_l * new_l
+            accept = usable & (new_l != li) & (slx * slx * sum_l2 > sum_lx * sum_lx * sl2)
+            levels[i] = torch.where(accept, new_l, li)
+            sum_lx = torch.where(accept, slx, sum_lx)
+            sum_l2 = torch.where(accept, sl2, sum_l2)
+    scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
+    scale = torch.where(all_zero, torch.zeros_like(scale), scale)
+    out = torch.stack(levels, dim=1)
+    out = torch.where(all_zero[:, None], torch.zeros_like(out), out)
+    return scale, out.to(torch.uint8)
+
 
 # ==== end of scale + min searches ====
