@@ -84,7 +84,11 @@ def convert(model: str, output: str, outtype: str, allow_pickle: bool) -> None:
       llmquant convert ./Llama-3.2-1B -o llama-f16.gguf
       llmquant convert smollm2-135m -o smollm2-f32.gguf --outtype f32
     """
-    _not_yet("convert")
+    from llmquant.pipeline.convert import convert_model
+
+    result = convert_model(model, output, outtype=outtype, allow_pickle=allow_pickle, progress=True)
+    click.echo(f"wrote {result.path} ({result.architecture}, {result.n_tensors} tensors, {result.n_params:,} "
+               f"parameters, {result.n_bytes / 1e6:.1f} MB, {outtype.upper()}) in {result.seconds:.1f}s")
 
 
 @cli.command()
@@ -96,16 +100,28 @@ def convert(model: str, output: str, outtype: str, allow_pickle: bool) -> None:
 @click.option("--chunks", type=int, default=None, help="Use at most this many chunks (default: all).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Chunks per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--process-output", is_flag=True,
+              help="Also collect output.weight (as llama-imatrix --process-output; not with tied embeddings).")
 def imatrix(model: str, text_files: tuple[str, ...], output: str, ctx: int, chunks: int | None, batch: int,
-            device: str) -> None:
+            device: str, process_output: bool) -> None:
     """Compute an importance matrix from calibration text (llama.cpp's imatrix GGUF format).
+
+    MODEL is a Hugging Face folder or 'smollm2-135m'. TEXT is a plain text file, a JSONL file with a
+    'text' field, or hf:NAME[:CONFIG[:SPLIT]] (needs the 'datasets' package). The file works with
+    llama-quantize --imatrix and with 'llmquant quantize --imatrix'.
 
     \b
     Examples:
       llmquant imatrix smollm2-135m -o imatrix.gguf --chunks 32
       llmquant imatrix ./model -f wiki.txt -f chat.jsonl --ctx 512 --device cuda
     """
-    _not_yet("imatrix")
+    from llmquant.pipeline.imatrix import run_imatrix
+
+    run = run_imatrix(model, text_files, output, n_ctx=ctx, n_chunks=chunks, batch_size=batch, device=device,
+                      process_output=process_output, progress=True)
+    click.echo(f"wrote {output}: {len(run.data.entries)} tensors, {run.n_chunks} chunks of {run.n_ctx} tokens "
+               f"(text: {run.n_text_tokens} tokens), PPL {run.perplexity:.4f}, "
+               f"{run.tokens_per_second:.0f} tokens/s on {run.device}")
 
 
 @cli.command()

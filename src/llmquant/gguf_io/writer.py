@@ -1,0 +1,81 @@
+"""Writing a GGUF one tensor at a time on top of ``gguf.GGUFWriter``, complete or not at all.
+
+The header, metadata and tensor table are written first from declared shapes and types; then each tensor's
+bytes follow in the declared order, so only one tensor needs to be in memory. The file is written under a
+temporary name beside the target and renamed when the last tensor is in; any error removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    """Bytes of a tensor of ``shape`` (PyTorch order, rows last) in ggml type ``qtype``."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    n_weights = int(np.prod(shape)) if shape else 1
+    return n_weights // block_size * type_size
+
+
+class StreamingGGUFWriter:
+    """``declare`` every tensor, ``begin``, then ``write`` each tensor's bytes in order; ``finish`` renames."""
+
+    def __init__(self, path: Path, arch: str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        os.close(fd)
+        self.tmp_path = Path(tmp)
+        self.writer = gguf.GGUFWriter(self.tmp_path, arch)
+        self._declared: list[tuple[str, int]] = []
+        self._next = 0
+
+    def __enter__(self) -> StreamingGGUFWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add(self, key: str, value: Any) -> None:
+        """One metadata value through GGUFWriter's ``add_<key>`` (which prefixes architecture keys)."""
+        getattr(self.writer, f"add_{key}")(value)
+
+    def declare(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> None:
+        nbytes = tensor_nbytes(shape, qtype)
+        # GGUFWriter stores shapes as given for raw types; it reverses them into ggml order itself
+        self.writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        self._declared.append((name, nbytes))
+
+    def begin(self) -> None:
+        self.writer.write_header_to_file(path=self.tmp_path)
+        self.writer.write_kv_data_to_file()
+        self.writer.write_ti_data_to_file()
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        expected_name, nbytes = self._declared[self._next]
+        if name != expected_name or data.nbytes != nbytes:
+            raise RuntimeError(f"tensor {name} ({data.nbytes} bytes) written where {expected_name} ({nbytes} bytes) "
+                               "was declared")
+        self.writer.write_tensor_data(np.ascontiguousarray(data))
+        self._next += 1
+
+    def finish(self) -> Path:
+        if self._next != len(self._declared):
+            raise RuntimeError(f"only {self._next} of {len(self._declared)} declared tensors were written")
+        self.writer.close()
+        os.replace(self.tmp_path, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:  # the file may never have been opened; removing it is what matters
+            pass
+        self.tmp_path.unlink(missing_ok=True)
