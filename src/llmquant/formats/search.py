@@ -77,7 +77,7 @@ def _rmse_weights(x: torch.Tensor, rmse_type: int) -> torch.Tensor:
         return torch.ones_like(x)
     if rmse_type == 3:
         return x.abs()
-    return x.abs().sqrt()
+    return sqrt_f32(x.abs())
 
 
 def make_qx_quants(
@@ -232,7 +232,7 @@ def _mm_sequential_sum_rows(terms: torch.Tensor) -> torch.Tensor:
     """Sum ``[n, ...]`` over its first dim in float32, first row to last (element-major layout)."""
     total = terms[0].clone()
     for row in terms[1:]:
-        total = total + row
+        total.add_(row)
     return total
 
 
@@ -244,37 +244,56 @@ def _mm_search_scale_and_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, 
     The candidates run one after another, as in ggml: once one is kept, its min is the one the next candidates
     are computed from (``(rmin + rdelta*is + nmax)/(max - min)`` and ``x - min``), so they cannot be batched.
     """
+    n, n_groups = x.shape[1], x.shape[0]
     xt = x.t().contiguous()  # [n, n_groups]: element-major, so each step of a sequential sum reads one row
     wt = weights.t().contiguous()
     low = x.amin(dim=1)
     high = x.amax(dim=1)
-    sums = _mm_sequential_sum_rows(torch.stack([wt, wt * xt], dim=1))  # sum_w, sum_x: [2, n_groups]
+    terms = torch.empty((n, 3, n_groups), dtype=torch.float32, device=x.device)
+    torch.mul(wt, xt, out=terms[:, 1])
+    terms[:, 0] = wt
+    sums = _mm_sequential_sum_rows(terms[:, :2])
     sum_w, sum_x = sums[0], sums[1]
     low = torch.where(low > 0, torch.zeros_like(low), low)
     flat = high <= low  # all values equal (for make_qkx2's `max == min` this is the same set of groups)
     high = torch.where(flat, low + 1, high)  # only keeps the flat groups finite; their result is fixed below
+    levels = torch.empty_like(xt)
+    diff = torch.empty_like(xt)
 
     def levels_for(iscale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        return _mm_nearest_int(iscale * (xt - offset)).clamp_(0, nmax)
+        # nearest_int(iscale*(x - min)) clamped to 0..nmax, into the `levels` buffer
+        torch.sub(xt, offset, out=levels)
+        levels.mul_(iscale)
+        torch.round(levels, out=levels)
+        return levels.clamp_(0, nmax)
 
-    def error_of(scale: torch.Tensor, offset: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    def error_of(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         # sum_i w_i * |scale*L_i + min - x_i| (or its square), in ggml's order
-        diff = scale * levels + offset - xt
-        diff = diff.abs() if use_mad else diff * diff
-        return _mm_sequential_sum_rows(wt * diff)
+        torch.mul(levels, scale, out=diff)
+        diff.add_(offset).sub_(xt)
+        if use_mad:
+            diff.abs_()
+        else:
+            diff.mul_(diff)
+        return _mm_sequential_sum_rows(diff.mul_(wt))
 
     inverse_scale = _mm_scalar_over(nmax, high - low)
     best_scale = _mm_scalar_over(1.0, inverse_scale)
     best_min = low
-    best_levels = levels_for(inverse_scale, low)
-    best_error = error_of(best_scale, best_min, best_levels)
+    levels_for(inverse_scale, low)
+    best_error = error_of(best_scale, best_min)
+    # the levels of the kept candidate are recomputed at the end from the inverse scale and min that made them
+    kept_iscale, kept_offset = inverse_scale, low
     if nstep >= 1:
         rmin32, rdelta32 = _mm_float32(rmin), _mm_float32(rdelta)
         for step in range(nstep + 1):
             numerator = _mm_float32(_mm_float32(_mm_float32(rdelta32 * step) + rmin32) + nmax)
-            levels = levels_for(_mm_scalar_over(numerator, high - best_min), best_min)
-            weighted = wt * levels
-            sums = _mm_sequential_sum_rows(torch.stack([weighted, weighted * levels, weighted * xt], dim=1))
+            iscale = _mm_scalar_over(numerator, high - best_min)
+            levels_for(iscale, best_min)
+            torch.mul(wt, levels, out=terms[:, 0])
+            torch.mul(terms[:, 0], levels, out=terms[:, 1])
+            torch.mul(terms[:, 0], xt, out=terms[:, 2])
+            sums = _mm_sequential_sum_rows(terms)
             sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
             det = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
@@ -282,13 +301,15 @@ def _mm_search_scale_and_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, 
             positive = this_min > 0
             this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
             this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
-            error = error_of(this_scale, this_min, levels)
+            error = error_of(this_scale, this_min)
             # kept only if strictly better: the first best candidate wins
             better = (det > 0) & (error < best_error)
             best_error = torch.where(better, error, best_error)
             best_scale = torch.where(better, this_scale, best_scale)
+            kept_iscale = torch.where(better, iscale, kept_iscale)
+            kept_offset = torch.where(better, best_min, kept_offset)
             best_min = torch.where(better, this_min, best_min)
-            best_levels = torch.where(better[None, :], levels, best_levels)
+    best_levels = levels_for(kept_iscale, kept_offset)
     best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
     best_min = torch.where(flat, low, best_min)
     best_levels = torch.where(flat[None, :], torch.zeros_like(best_levels), best_levels)
