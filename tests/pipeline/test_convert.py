@@ -212,14 +212,28 @@ def test_offline_hub_id_says_so(tmp_path: Path, monkeypatch):
 # ---- memory ----------------------------------------------------------------------------------------------------
 
 _MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, os, sys, threading, time
     from llmquant.pipeline.convert import convert_model
+
+    def rss() -> int:  # resident bytes now (ru_maxrss cannot be reset after the warm-up)
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
     small, big, out = sys.argv[1:4]
     convert_model(small, out + ".warm.gguf", outtype="f16")  # imports and one-time allocations
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     convert_model(big, out, outtype="f16")
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"growth_kib": after - before}))
+    done.set()
+    sampler.join()
+    print(json.dumps({"before": before, "growth": max(peak[0], rss()) - before}))
 """)
 
 
@@ -258,7 +272,7 @@ def test_peak_memory_stays_near_the_largest_tensor(tiny_llama: Path, tmp_path: P
     assert total > 100 * largest
     run = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(tiny_llama), str(tmp_path / "big"),
                           str(tmp_path / "big.gguf")], capture_output=True, text=True, check=True)
-    growth = json.loads(run.stdout.strip().splitlines()[-1])["growth_kib"] * 1024
+    growth = json.loads(run.stdout.strip().splitlines()[-1])["growth"]
     print(f"model {total / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB, "
           f"peak RSS growth {growth / 2**20:.1f} MiB")
     assert growth < 8 * largest
