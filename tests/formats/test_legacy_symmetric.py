@@ -69,6 +69,17 @@ def test_zero_and_tied_blocks_match_ggml(type_name: str):
         assert np.array_equal(quantize(w, type_name, importance), ggml_quantize(w, type_name, importance))
 
 
+@pytest.mark.parametrize("type_name", SYMMETRIC_LEGACY)
+def test_denormal_blocks_match_ggml(type_name: str):
+    # a denormal scale has an infinite inverse: ggml's float→int8 conversion then writes level byte 0
+    rng = np.random.default_rng(12)
+    w = (rng.standard_normal((4, 256)) * 1e-39).astype(np.float32)
+    w[2:, ::2] = heavy_tailed(2, 128, seed=13)
+    w[0, :8] = np.float32(1e-45)
+    for importance in (None, random_imatrix(256, seed=14)):
+        assert np.array_equal(quantize(w, type_name, importance), ggml_quantize(w, type_name, importance))
+
+
 def test_q8_0_ignores_the_imatrix():
     w = heavy_tailed(32, 256, seed=10)
     assert np.array_equal(quantize(w, "Q8_0", random_imatrix(256)), quantize(w, "Q8_0"))

@@ -32,6 +32,15 @@ def _sym_round_half_away(values: torch.Tensor) -> torch.Tensor:
     return torch.copysign(rounded, values)
 
 
+def _sym_c_float_to_int8(values: torch.Tensor) -> torch.Tensor:
+    """C's ``(int8_t)`` of a float as ggml's x86 build does it (cvttss2si/cvttps2dq, then the low byte):
+    truncate toward zero; NaN, ±inf and values beyond int32 become INT_MIN, whose low byte is 0.
+    Denormal blocks reach this with an infinite inverse scale."""
+    valid = values.abs() < 2.0**31
+    whole = torch.where(valid, values, torch.zeros_like(values)).trunc().to(torch.int64)
+    return torch.where(valid, torch.remainder(whole + 128, 256) - 128, torch.zeros_like(whole))
+
+
 def _sym_inverse_or_zero(scale: torch.Tensor) -> torch.Tensor:
     # ggml's `id = d ? 1.0f/d : 0.0f`
     nonzero = scale != 0
@@ -59,8 +68,9 @@ def _sym_scale_and_levels(
         signed_max = search.signed_absmax(blocks)
         scale = signed_max / torch.full_like(signed_max, float(-nmax))
         scaled = blocks * _sym_inverse_or_zero(scale)[:, None]
-        levels = (scaled + (nmax + 0.5)).trunc().clamp_(max=2 * nmax - 1).to(torch.int32)
-        return scale, levels
+        # (uint8_t)MIN(2·nmax - 1, (int8_t)(x/d + nmax + 0.5))
+        levels = _sym_c_float_to_int8(scaled + (nmax + 0.5)).clamp_(max=2 * nmax - 1) & 0xFF
+        return scale, levels.to(torch.int32)
     if sigma2 is None:  # called on bare blocks: each block is its own row
         sigma2 = _sym_row_mean_square(blocks)
     weights = importance * search.sqrt_f32(sigma2[:, None] + blocks * blocks)
@@ -69,7 +79,8 @@ def _sym_scale_and_levels(
 
 def _sym_pack_nibbles(levels: torch.Tensor) -> torch.Tensor:
     # ggml's qs: byte j holds value j in its low nibble and value j+16 in its high nibble
-    return ((levels[:, :16] & 0xF) | ((levels[:, 16:] & 0xF) << 4)).to(torch.uint8)
+    # (Q4_0 ORs the byte-wide values; they are nibbles whenever the levels are in range)
+    return ((levels[:, :16] | (levels[:, 16:] << 4)) & 0xFF).to(torch.uint8)
 
 
 def _sym_unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -110,7 +121,8 @@ class Q8_0(BlockFormat):
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         amax = blocks.abs().amax(dim=1)
         scale = amax / torch.full_like(amax, 127.0)
-        levels = _sym_round_half_away(blocks * _sym_inverse_or_zero(scale)[:, None]).to(torch.int8)
+        levels = _sym_c_float_to_int8(_sym_round_half_away(blocks * _sym_inverse_or_zero(scale)[:, None]))
+        levels = levels.to(torch.int8)
         return torch.cat([_sym_fp16_bytes(scale), levels.view(torch.uint8)], dim=1)
 
     def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
@@ -148,7 +160,7 @@ class Q5_0(_SymmetricLegacy):
         fifth = ((levels >> 4) & 1).reshape(-1, 4, 8)
         shifts = torch.arange(8, device=levels.device, dtype=torch.int32)
         qh = (fifth << shifts).sum(dim=2).to(torch.uint8)
-        return torch.cat([_sym_fp16_bytes(scale), qh, _sym_pack_nibbles(levels)], dim=1)
+        return torch.cat([_sym_fp16_bytes(scale), qh, _sym_pack_nibbles(levels & 0xF)], dim=1)
 
     def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
         scale = _sym_fp16_values(data[:, :2])
