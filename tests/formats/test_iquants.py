@@ -35,7 +35,7 @@ def best_index_int8(x: np.float32) -> int:
 
 def test_nearest_level_index_matches_best_index_int8_around_every_midpoint():
     points = []
-    for low, high in zip(IQ4_LEVELS[:-1], IQ4_LEVELS[1:]):
+    for low, high in zip(IQ4_LEVELS[:-1], IQ4_LEVELS[1:], strict=True):
         for anchor in (np.float32((low + high) / 2), np.float32(low), np.float32(high)):
             value = anchor
             for _ in range(4):  # a few ulps either side of each midpoint and level

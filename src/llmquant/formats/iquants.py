@@ -34,11 +34,11 @@ _SUB_BLOCKS_PER_PASS = {"cpu": 1024}
 _SUB_BLOCKS_PER_PASS_OTHER = 1 << 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grid_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(levels float32 [16], floor(2x) - _TWICE_LOW → level index int64, → level value float32) on ``device``."""
     levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32)
-    twice_midpoints = torch.tensor([a + b for a, b in zip(IQ4_LEVELS[:-1], IQ4_LEVELS[1:])])
+    twice_midpoints = torch.tensor([a + b for a, b in zip(IQ4_LEVELS[:-1], IQ4_LEVELS[1:], strict=True)])
     twice_x = torch.arange(_TWICE_LOW, _TWICE_HIGH + 1)
     index = (twice_midpoints[None, :] <= twice_x[:, None]).sum(dim=1)
     return levels.to(device), index.to(device), levels[index].to(device)
@@ -87,6 +87,9 @@ def _search_sub_block_scales(x_t: torch.Tensor, weight_t: torch.Tensor) -> torch
     first_max = x_t.abs().argmax(dim=0, keepdim=True)
     signed_max = x_t.gather(0, first_max)[0]
     amax = signed_max.abs()
+    near_zero = amax < GROUP_MAX_EPS
+    # near-zero sub-blocks get scale 0 below; searching them with max = 1 keeps every index in range
+    signed_max = torch.where(near_zero, torch.ones_like(signed_max), signed_max)
     # candidate inverse scales: 1/d with d = -max/values[0], then (itry + values[0])/max for itry in [-ntry, ntry]
     first_guess = 1.0 / (-signed_max / float(IQ4_LEVELS[0]))
     tries = torch.arange(-N_TRY, N_TRY + 1, dtype=torch.float32, device=x_t.device) + IQ4_LEVELS[0]
@@ -107,7 +110,7 @@ def _search_sub_block_scales(x_t: torch.Tensor, weight_t: torch.Tensor) -> torch
         better = has_q2[c] & (sum_qx[c] * sum_qx[c] > best * sum_q2[c])
         scale = torch.where(better, sum_qx[c] / sum_q2[c], scale)
         best = torch.where(better, scale * sum_qx[c], best)
-    return torch.where(amax < GROUP_MAX_EPS, torch.zeros_like(scale), scale)
+    return torch.where(near_zero, torch.zeros_like(scale), scale)
 
 
 def _sub_block_weights(x: torch.Tensor, importance: torch.Tensor | None, super_block: int) -> torch.Tensor:
