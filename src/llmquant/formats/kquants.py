@@ -214,6 +214,12 @@ def _mm_to_uint8(levels: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_and(levels.to(torch.int64), 0xFF)
 
 
+def _mm_positive_max(values: torch.Tensor) -> torch.Tensor:
+    """Largest value per row, or +0 when none is positive (ggml starts from 0 and keeps `v > max`: -0 stays +0)."""
+    top = values.amax(dim=1)
+    return torch.where(top > 0, top, torch.zeros_like(top))
+
+
 def _mm_pack_k4_scales(scale_levels: torch.Tensor, min_levels: torch.Tensor) -> torch.Tensor:
     """Eight 6-bit sub-block scales and mins ``[n, 8]`` → the 12 bytes get_scale_min_k4 reads:
     bytes 0-3 scale 0-3 (+ top bits of scale 4-7), 4-7 min 0-3 (+ top bits of min 4-7), 8-11 low nibbles of 4-7."""
@@ -266,8 +272,8 @@ def _mm_k4_search(x: torch.Tensor, importance: torch.Tensor | None, nmax: int, r
         scales, mins, levels = search.make_qkx2_quants(sub, weights, nmax, rmin, rdelta, nstep, False)
         scales = scales.reshape(n_blocks, 8)
         mins = mins.reshape(n_blocks, 8)
-        max_scale = torch.clamp(scales.amax(dim=1), min=0.0)
-        max_min = torch.clamp(mins.amax(dim=1), min=0.0)
+        max_scale = _mm_positive_max(scales)
+        max_min = _mm_positive_max(mins)
         inv_scale = torch.where(max_scale > 0, search._mm_scalar_over(63.0, max_scale), torch.zeros_like(max_scale))
         inv_min = torch.where(max_min > 0, search._mm_scalar_over(63.0, max_min), torch.zeros_like(max_min))
         scale_levels = _mm_to_uint8(search._mm_nearest_int(inv_scale[:, None] * scales)).clamp(max=63)
