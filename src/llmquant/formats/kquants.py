@@ -329,4 +329,32 @@ class Q4_K(BlockFormat):
         return (scale[..., None] * q - offset[..., None]).reshape(-1, _MM_QK_K)
 
 
+class Q5_K(BlockFormat):
+    """5.5 bits: Q4_K's super-block with 5-bit levels (the fifth bit in qh)."""
+
+    name = "Q5_K"
+    block_size = _MM_QK_K
+    bytes_per_block = 176  # d, dmin, 12 bytes of scales/mins, 32 bytes of high bits, 128 bytes of low nibbles
+
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        header, levels = _mm_k4_search(blocks, importance, 31, -0.5, 0.1, 15)
+        # as quantize_row_q5_K_ref: chunk k of 64 weights puts weight j's fifth bit in bit 2k of qh[j],
+        # weight j+32's in bit 2k+1, and the low nibbles in ql as Q4_K's qs
+        chunks = levels.reshape(-1, 4, 2, 32).to(torch.int64)
+        low = chunks & 0xF
+        ql = (low[:, :, 0, :] | (low[:, :, 1, :] << 4)).reshape(-1, 128)
+        shifts = (2 * torch.arange(4, device=blocks.device)[:, None] + torch.arange(2, device=blocks.device))
+        qh = ((chunks >> 4) << shifts[None, :, :, None]).sum(dim=(1, 2))
+        return torch.cat([header, qh.to(torch.uint8), ql.to(torch.uint8)], dim=1)
+
+    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
+        scale, offset = _mm_k4_dequantize_scales(data)
+        qh = data[:, 16:48].to(torch.int64)
+        qs = data[:, 48:].reshape(-1, 4, 1, 32).to(torch.int64)
+        low = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, 8, 32)
+        high = (qh[:, None, :] >> torch.arange(8, device=data.device)[None, :, None]) & 1
+        q = (low | (high << 4)).to(torch.float32)
+        return (scale[..., None] * q - offset[..., None]).reshape(-1, _MM_QK_K)
+
+
 # ==== end of scale + min ====

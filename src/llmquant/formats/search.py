@@ -215,8 +215,8 @@ def _mm_sqrt(values: torch.Tensor) -> torch.Tensor:
 
 
 def _mm_nearest_int(values: torch.Tensor) -> torch.Tensor:
-    """ggml's nearest_int (the 12582912 float trick): round half to even, as torch.round does; stays float."""
-    return torch.round(values)
+    """ggml's nearest_int (the 12582912 bit trick, so inf, NaN and huge values wrap as in ggml), as float32."""
+    return nearest_int(values).to(torch.float32)
 
 
 def _mm_sequential_sum(terms: torch.Tensor) -> torch.Tensor:
@@ -264,7 +264,7 @@ def _mm_search_scale_and_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, 
         # nearest_int(iscale*(x - min)) clamped to 0..nmax, into the `levels` buffer
         torch.sub(xt, offset, out=levels)
         levels.mul_(iscale)
-        torch.round(levels, out=levels)
+        levels.copy_(_mm_nearest_int(levels))
         return levels.clamp_(0, nmax)
 
     def error_of(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
