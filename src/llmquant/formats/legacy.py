@@ -174,4 +174,126 @@ class Q5_0(_SymmetricLegacy):
 
 # ==== scale + min: Q4_1, Q5_1 ====
 
+
+def _aff_fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """float32 ``[n]`` → ggml_half bytes ``[n, 2]`` (round to nearest even, as GGML_FP32_TO_FP16)."""
+    return values.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
+
+
+def _aff_fp16_values(data: torch.Tensor) -> torch.Tensor:
+    return data.contiguous().view(torch.float16).reshape(-1).to(torch.float32)
+
+
+def _aff_c_float_to_byte(values: torch.Tensor) -> torch.Tensor:
+    """C's ``(int8_t)``/``(uint8_t)`` of a float on ggml's x86 build: truncate to int32 (NaN, ±inf and values
+    beyond int32 become INT_MIN) and keep the low byte, here as a signed int64 in -128..127."""
+    valid = values.abs() < 2.0**31
+    whole = torch.where(valid, values, torch.zeros_like(values)).trunc().to(torch.int64)
+    return torch.where(valid, torch.remainder(whole + 128, 256) - 128, torch.zeros_like(whole))
+
+
+def _aff_row_mean_square(rows: torch.Tensor) -> torch.Tensor:
+    """sigma2 of quantize_row_q4_1_impl / q5_1_impl: the row's sum of x² (left to right) over the row length."""
+    return search._mm_over_scalar(search._mm_sequential_sum(rows * rows), float(rows.shape[1]))
+
+
+def _aff_reference(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_row_q4_1_ref / q5_1_ref: d = (max - min)/nmax, levels (uint8_t)((x - min)/d + 0.5) (Q4_1
+    caps at 15). Returns (d, min, level bytes as int64 0..255)."""
+    low = search._mm_first_extreme(blocks, largest=False)
+    high = search._mm_first_extreme(blocks, largest=True)
+    scale = search._mm_over_scalar(high - low, float(nmax))
+    nonzero = scale != 0
+    inverse = torch.where(nonzero, search._mm_scalar_over(1.0, torch.where(nonzero, scale, torch.ones_like(scale))),
+                          torch.zeros_like(scale))
+    levels = _aff_c_float_to_byte((blocks - low[:, None]) * inverse[:, None] + 0.5)
+    if nmax == 15:
+        levels = levels.clamp(max=15)  # MIN(15, (int8_t)...) compares as signed
+    return scale, low, levels & 0xFF
+
+
+def _aff_weighted(blocks: torch.Tensor, importance: torch.Tensor, sigma2: torch.Tensor,
+                  nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_row_q4_1_impl / q5_1_impl: make_qkx3_quants weighted by importance·sqrt(sigma2 + x²)."""
+    weights = importance * search._mm_sqrt(sigma2[:, None] + blocks * blocks)
+    scale, the_min, levels = search.make_qkx3_quants(blocks, weights, nmax, -0.9, 0.05, 36, False)
+    return scale, -the_min, levels.to(torch.int64)
+
+
+class _AffineLegacy(BlockFormat):
+    """Q4_1/Q5_1: ``x ≈ d*q + m`` per 32 weights. The imatrix search weighs by the row's mean square, so rows
+    are quantized here whole; bare blocks with importance act as rows of one block."""
+
+    block_size = 32
+    nmax: int
+
+    def _pack(self, scale: torch.Tensor, low: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _quantize(self, blocks: torch.Tensor, importance: torch.Tensor | None,
+                  sigma2: torch.Tensor | None) -> torch.Tensor:
+        if importance is None:
+            return self._pack(*_aff_reference(blocks, self.nmax))
+        if sigma2 is None:
+            sigma2 = _aff_row_mean_square(blocks)
+        return self._pack(*_aff_weighted(blocks, importance, sigma2, self.nmax))
+
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        return self._quantize(blocks, importance, None)
+
+    def quantize_rows(self, rows: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        n_rows, n_per_row = rows.shape
+        blocks = rows.reshape(-1, self.block_size)
+        if importance is None:
+            return self._quantize(blocks, None, None).reshape(n_rows, -1)
+        sigma2 = _aff_row_mean_square(rows).repeat_interleave(n_per_row // self.block_size)
+        block_importance = importance.reshape(1, -1).expand(n_rows, -1).reshape(-1, self.block_size)
+        return self._quantize(blocks, block_importance, sigma2).reshape(n_rows, -1)
+
+    def _levels(self, data: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
+        scale = _aff_fp16_values(data[:, 0:2])
+        low = _aff_fp16_values(data[:, 2:4])
+        return scale[:, None] * self._levels(data).to(torch.float32) + low[:, None]
+
+
+class Q4_1(_AffineLegacy):
+    """4-bit levels, an fp16 scale and an fp16 min per 32 weights."""
+
+    name = "Q4_1"
+    bytes_per_block = 20  # d, m (fp16), 16 bytes: value j in the low nibble of byte j, value j+16 in the high
+    nmax = 15
+
+    def _pack(self, scale: torch.Tensor, low: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        qs = (levels[:, :16] | (levels[:, 16:] << 4)) & 0xFF
+        return torch.cat([_aff_fp16_bytes(scale), _aff_fp16_bytes(low), qs.to(torch.uint8)], dim=1)
+
+    def _levels(self, data: torch.Tensor) -> torch.Tensor:
+        qs = data[:, 4:].to(torch.int64)
+        return torch.cat([qs & 0xF, qs >> 4], dim=1)
+
+
+class Q5_1(_AffineLegacy):
+    """5-bit levels (fifth bits in a 32-bit qh), an fp16 scale and an fp16 min per 32 weights."""
+
+    name = "Q5_1"
+    bytes_per_block = 24  # d, m (fp16), qh (bit j: fifth bit of value j), 16 bytes of low nibbles as Q4_1
+    nmax = 31
+
+    def _pack(self, scale: torch.Tensor, low: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        qs = (levels[:, :16] & 0xF) | ((levels[:, 16:] & 0xF) << 4)
+        fifth = ((levels >> 4) & 1).reshape(-1, 4, 8)
+        qh = (fifth << torch.arange(8, device=levels.device)).sum(dim=2)
+        parts = [_aff_fp16_bytes(scale), _aff_fp16_bytes(low), qh.to(torch.uint8), qs.to(torch.uint8)]
+        return torch.cat(parts, dim=1)
+
+    def _levels(self, data: torch.Tensor) -> torch.Tensor:
+        qh = data[:, 4:8].to(torch.int64)
+        fifth = ((qh[:, :, None] >> torch.arange(8, device=data.device)) & 1).reshape(-1, 32)
+        qs = data[:, 8:].to(torch.int64)
+        return torch.cat([qs & 0xF, qs >> 4], dim=1) | (fifth << 4)
+
+
 # ==== end of scale + min ====

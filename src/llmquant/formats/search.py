@@ -219,6 +219,14 @@ def _mm_nearest_int(values: torch.Tensor) -> torch.Tensor:
     return nearest_int(values).to(torch.float32)
 
 
+def _mm_first_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Per row, the first element equal to the max (or min): ggml's `if (x[i] > max) max = x[i]` loops keep the
+    first of tied values, which decides the sign when +0 and -0 tie (torch's amax/amin may return either)."""
+    extreme = x.amax(dim=1) if largest else x.amin(dim=1)
+    first = (x == extreme[:, None]).to(torch.uint8).argmax(dim=1)
+    return x.gather(1, first[:, None]).squeeze(1)
+
+
 def _mm_sequential_sum(terms: torch.Tensor) -> torch.Tensor:
     """Sum ``[n_groups, n]`` over n in float32, first term to last, as ggml's scalar loops do."""
     columns = terms.t().contiguous()
@@ -247,7 +255,7 @@ def _mm_search_scale_and_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, 
     n, n_groups = x.shape[1], x.shape[0]
     xt = x.t().contiguous()  # [n, n_groups]: element-major, so each step of a sequential sum reads one row
     wt = weights.t().contiguous()
-    low = x.amin(dim=1)
+    low = _mm_first_extreme(x, largest=False)
     high = x.amax(dim=1)
     terms = torch.empty((n, 3, n_groups), dtype=torch.float32, device=x.device)
     torch.mul(wt, xt, out=terms[:, 1])
