@@ -13,7 +13,7 @@ from llmquant.formats.kquants import _mm_pack_k4_scales, _mm_unpack_k4_scales
 from llmquant.oracles.ggml import ggml_quantize
 from tests.formats.compare import compare_with_ggml, heavy_tailed, random_imatrix
 
-SCALE_MIN_KQUANTS = ["Q4_K", "Q5_K"]
+SCALE_MIN_KQUANTS = ["Q2_K", "Q4_K", "Q5_K"]
 
 
 @pytest.fixture(autouse=True)

@@ -357,4 +357,71 @@ class Q5_K(BlockFormat):
         return (scale[..., None] * q - offset[..., None]).reshape(-1, _MM_QK_K)
 
 
+def _mm_q2_k_header(x: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q2_K up to the final levels: quantize_row_q2_K_ref (importance None) or quantize_row_q2_K_impl.
+
+    Returns (``[n, 20]``: the 16 scale|min<<4 bytes then d and dmin; final levels uint8 ``[n, 16, 16]``)."""
+    n_blocks = x.shape[0]
+    sub = x.reshape(n_blocks * 16, 16)
+    if importance is None:
+        # ref: make_qkx2_quants on |x|-weighted absolute errors, then 4-bit scales/mins relative to the largest
+        scales, mins, levels = search.make_qkx2_quants(sub, sub.abs(), 3, -0.5, 0.1, 15, True)
+        scales = scales.reshape(n_blocks, 16)
+        mins = mins.reshape(n_blocks, 16)
+        max_scale = _mm_positive_max(scales)
+        max_min = _mm_positive_max(mins)
+        has_scale = max_scale > 0
+        has_min = max_min > 0
+        safe_scale = torch.where(has_scale, max_scale, torch.ones_like(max_scale))
+        safe_min = torch.where(has_min, max_min, torch.ones_like(max_min))
+        scale_levels = _mm_to_uint8(search._mm_nearest_int(search._mm_scalar_over(15.0, safe_scale)[:, None] * scales))
+        min_levels = _mm_to_uint8(search._mm_nearest_int(search._mm_scalar_over(15.0, safe_min)[:, None] * mins))
+        scale_levels = torch.where(has_scale[:, None], scale_levels, torch.zeros_like(scale_levels))
+        min_levels = torch.where(has_min[:, None], min_levels, torch.zeros_like(min_levels))
+        d_block = torch.where(has_scale, search._mm_over_scalar(max_scale, 15.0), torch.zeros_like(max_scale))
+        m_block = torch.where(has_min, search._mm_over_scalar(max_min, 15.0), torch.zeros_like(max_min))
+    else:
+        # impl: make_qkx3_quants weighted by importance * sqrt(sigma² + x²), make_qp_quants on scales and mins
+        sigma2 = _mm_superblock_sigma2(x, 1.0)
+        weights = (importance * search._mm_sqrt(sigma2[:, None] + x * x)).reshape(n_blocks * 16, 16)
+        sub_weight = search._mm_sequential_sum(weights).reshape(n_blocks, 16)
+        scales, mins, levels = search.make_qkx3_quants(sub, weights, 3, -0.9, 0.05, 36, False)
+        d_block, scale_levels = search.make_qp_quants(scales.reshape(n_blocks, 16), 15, sub_weight)
+        m_block, min_levels = search.make_qp_quants(mins.reshape(n_blocks, 16), 15, sub_weight)
+        scale_levels = scale_levels.to(torch.int64)
+        min_levels = min_levels.to(torch.int64)
+    packed = (scale_levels | (min_levels << 4)) & 0xFF
+    d_bytes = _mm_fp16_bytes(d_block)
+    dmin_bytes = _mm_fp16_bytes(m_block)
+    levels = _mm_requantize(x.reshape(n_blocks, 16, 16), levels.reshape(n_blocks, 16, 16), _mm_fp16_value(d_bytes),
+                            _mm_fp16_value(dmin_bytes), packed & 0xF, packed >> 4, 3)
+    return torch.cat([packed.to(torch.uint8), d_bytes, dmin_bytes], dim=1), levels
+
+
+class Q2_K(BlockFormat):
+    """2.625 bits: super-blocks of 16 × 16 weights, each sub-block ``d*sc*q - dmin*m`` with 4-bit sc, m."""
+
+    name = "Q2_K"
+    block_size = _MM_QK_K
+    bytes_per_block = 84  # 16 bytes of scale|min nibbles, 64 bytes of 2-bit quants, d, dmin (fp16)
+
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        header, levels = _mm_q2_k_header(blocks, importance)
+        # qs: each 128-weight half is 32 bytes; byte l holds weights l, l+32, l+64, l+96 at bits 0, 2, 4, 6
+        quarters = levels.reshape(-1, 2, 4, 32).to(torch.int64)
+        qs = (quarters << (2 * torch.arange(4, device=blocks.device))[None, None, :, None]).sum(dim=2)
+        return torch.cat([header[:, :16], qs.reshape(-1, 64).to(torch.uint8), header[:, 16:]], dim=1)
+
+    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
+        packed = data[:, :16].to(torch.int64)
+        d = _mm_fp16_value(data[:, 80:82])
+        dmin = _mm_fp16_value(data[:, 82:84])
+        scale = d[:, None] * (packed & 0xF).to(torch.float32)
+        offset = dmin[:, None] * (packed >> 4).to(torch.float32)
+        qs = data[:, 16:80].reshape(-1, 2, 1, 32).to(torch.int64)
+        q = (qs >> (2 * torch.arange(4, device=data.device))[None, None, :, None]) & 3
+        q = q.reshape(-1, 16, 16).to(torch.float32)
+        return (scale[..., None] * q - offset[..., None]).reshape(-1, _MM_QK_K)
+
+
 # ==== end of scale + min ====
