@@ -145,23 +145,75 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
     _not_yet("quantize")
 
 
+_EVAL_TEXT_HELP = "Evaluation text: plain text or JSONL with a 'text' field; repeatable. Default: built-in text."
+_REFERENCE_HELP = ("Full-precision model (HF folder, F32/F16 GGUF, 'smollm2-135m') or a reference-logits file "
+                   "(--save-reference, or llama-perplexity --kl-divergence-base).")
+
+
 @cli.command(name="eval")
 @click.argument("model", metavar="MODEL")
-@click.option("--reference", required=True, help="Full-precision model (HF folder, F32/F16 GGUF) or saved logits.")
-@click.option("-f", "--file", "text_files", multiple=True, help="Evaluation text (default: built-in text).")
-@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk.")
-@click.option("--chunks", type=int, default=None, help="Use at most this many chunks.")
-@click.option("--backend", type=click.Choice(["llama.cpp", "torch"]), default="llama.cpp", show_default=True)
+@click.option("--reference", required=True, metavar="REF", help=_REFERENCE_HELP)
+@click.option("-f", "--file", "text_files", multiple=True, metavar="TEXT", help=_EVAL_TEXT_HELP)
+@click.option("--ctx", type=int, default=None, help="Tokens per chunk  [default: 512, or the reference file's]")
+@click.option("--chunks", type=int, default=None, help="Use at most this many chunks (default: all).")
+@click.option("--backend", type=click.Choice(["llama.cpp", "torch"]), default="llama.cpp", show_default=True,
+              help="Run GGUFs in llama.cpp, or dequantize them with llmquant's formats into PyTorch.")
+@click.option("--device", default="cpu", show_default=True, help="PyTorch device for the torch backend.")
+@click.option("--save-reference", metavar="FILE", default=None,
+              help="Keep the reference's log-probs in FILE (llama.cpp's kld-base format) for later --reference.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def eval_(model: str, reference: str, text_files: tuple[str, ...], ctx: int, chunks: int | None, backend: str,
-          as_json: bool) -> None:
+def eval_(model: str, reference: str, text_files: tuple[str, ...], ctx: int | None, chunks: int | None, backend: str,
+          device: str, save_reference: str | None, as_json: bool) -> None:
     """Measure what a quant costs: KL-divergence, perplexity and top-token agreement.
 
+    The figures are llama-perplexity --kl-divergence's: the text is cut into chunks of --ctx tokens and the
+    second half of each chunk is scored against the reference (PPL and ratio, mean/median/99%/99.9%/max KLD,
+    same top token, RMS Δp, with ± errors).
+
     \b
-    Example:
+    Examples:
       llmquant eval smollm2-Q4_K_M.gguf --reference smollm2-135m --chunks 20
+      llmquant eval q8.gguf --reference model-f16.gguf --save-reference ref.logits --chunks 20
+      llmquant eval q4.gguf --reference ref.logits --backend torch --json
     """
-    _not_yet("eval")
+    import json
+
+    from llmquant.evaluate.report import format_figures
+    from llmquant.pipeline.evaluate import evaluate_model
+
+    result = evaluate_model(model, reference, text_files, n_ctx=ctx, max_chunks=chunks, backend=backend,
+                            device=device, save_reference=save_reference, progress=True)
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_figures(result))
+
+
+@cli.command()
+@click.argument("models", metavar="FILES...", nargs=-1, required=True)
+@click.option("--reference", required=True, metavar="REF", help=_REFERENCE_HELP)
+@click.option("-f", "--file", "text_files", multiple=True, metavar="TEXT", help=_EVAL_TEXT_HELP)
+@click.option("-o", "--output", "output_dir", default="report", show_default=True,
+              help="Folder for report.md, report.json and frontier.png.")
+@click.option("--ctx", type=int, default=None, help="Tokens per chunk  [default: 512, or the reference file's]")
+@click.option("--chunks", type=int, default=None, help="Use at most this many chunks (default: all).")
+@click.option("--backend", type=click.Choice(["llama.cpp", "torch"]), default="llama.cpp", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="PyTorch device for the torch backend.")
+@click.option("--save-reference", metavar="FILE", default=None, help="Keep the reference's log-probs in FILE.")
+def compare(models: tuple[str, ...], reference: str, text_files: tuple[str, ...], output_dir: str, ctx: int | None,
+            chunks: int | None, backend: str, device: str, save_reference: str | None) -> None:
+    """Compare several quants against one reference run: a report and a size-against-KLD plot.
+
+    \b
+    Examples:
+      llmquant compare q4_0.gguf q4_k_m.gguf q8_0.gguf --reference smollm2-135m -o report/ --chunks 20
+    """
+    from llmquant.pipeline.evaluate import compare_models
+
+    results, written = compare_models(models, reference, output_dir, text_files, n_ctx=ctx, max_chunks=chunks,
+                                      backend=backend, device=device, save_reference=save_reference, progress=True)
+    for r in sorted(results, key=lambda r: r.size_bytes or 0):
+        f = r.figures
+        click.echo(f"{r.model}: {(r.size_bytes or 0) / 1e6:.1f} MB  PPL {f.ppl:.4f}  KLD {f.kld_mean:.5f}  "
+                   f"same top {100 * f.top1_agreement:.2f}%")
+    click.echo("wrote " + ", ".join(str(p) for p in written.values()))
 
 
 def main() -> None:
