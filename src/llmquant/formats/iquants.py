@@ -30,7 +30,7 @@ _TWICE_LOW = 2 * IQ4_LEVELS[0] + 22  # -232: every floor(2x) at or below this is
 _TWICE_HIGH = IQ4_LEVELS[-2] + IQ4_LEVELS[-1]  # 202: from here on level 15 (113)
 
 # sub-blocks searched per pass: keeps the [32, 16 candidates, n] temporaries within the CPU caches
-_SUB_BLOCKS_PER_PASS = {"cpu": 1024}
+_SUB_BLOCKS_PER_PASS = {"cpu": 512}
 _SUB_BLOCKS_PER_PASS_OTHER = 1 << 16
 
 
@@ -48,8 +48,8 @@ def nearest_level_index(scaled: torch.Tensor) -> torch.Tensor:
     """best_index_int8(16, kvalues_iq4nl, x) for every element: int64 indices 0..15 (NaN → 15, as the C search)."""
     _, index_table, _ = _grid_tables(scaled.device)
     twice = torch.nan_to_num(scaled * 2, nan=float(_TWICE_HIGH))
-    position = twice.clamp_(_TWICE_LOW, _TWICE_HIGH).floor_().sub_(_TWICE_LOW).to(torch.int64)
-    return index_table[position]
+    position = twice.clamp_(_TWICE_LOW, _TWICE_HIGH).floor_().sub_(_TWICE_LOW).to(torch.int32)
+    return torch.index_select(index_table, 0, position.view(-1)).view(scaled.shape)
 
 
 def _sequential_sum(terms: torch.Tensor) -> torch.Tensor:
@@ -76,41 +76,76 @@ def _nearest_int(values: torch.Tensor) -> torch.Tensor:
     return (shifted & 0x007FFFFF) - 0x00400000
 
 
-def _search_sub_block_scales(x_t: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """The scale of each 32-weight sub-block, as quantize_row_iq4_nl_impl's search with ntry = 7.
+# every candidate's x·(2·id) lies within ±2·134·(1 + 2⁻²³): a level table over floor(2x) on this range needs no clamp
+_SEARCH_LOW = -270
 
-    ``x_t`` and ``weight_t`` are float32 ``[32, n]`` (position in the sub-block first, so that the
-    element-by-element sums run over contiguous rows). Returns float32 ``[n]`` (0 for near-zero sub-blocks).
+
+@functools.cache
+def _search_level_table(device: torch.device) -> torch.Tensor:
+    """floor(2x) - _SEARCH_LOW → the level value best_index_int8 picks, over [_SEARCH_LOW, -_SEARCH_LOW]."""
+    _, _, level_table = _grid_tables(device)
+    twice_x = torch.arange(_SEARCH_LOW, -_SEARCH_LOW + 1, device=device)
+    return level_table[twice_x.clamp(_TWICE_LOW, _TWICE_HIGH) - _TWICE_LOW].contiguous()
+
+
+class _SearchBuffers:
+    """The [32, 16, n] temporaries of one search pass, allocated once and reused pass after pass."""
+
+    def __init__(self, n: int, device: torch.device):
+        shape = (SUB_BLOCK, 2 * N_TRY + 2, n)
+        self.twice_scaled = torch.empty(shape, dtype=torch.float32, device=device)
+        self.position = torch.empty(shape, dtype=torch.int32, device=device)
+        self.q = torch.empty(shape, dtype=torch.float32, device=device)
+        self.wq = torch.empty(shape, dtype=torch.float32, device=device)
+        # (w·q)·x and (w·q)·q side by side, so one element-by-element sum accumulates both
+        self.terms = torch.empty((SUB_BLOCK, 2) + shape[1:], dtype=torch.float32, device=device)
+        self.term_rows = self.terms.unbind(0)  # views made once: the sums below index them 31 times a pass
+
+
+def _candidate_sums(x_t: torch.Tensor, weight_t: torch.Tensor, twice_inverse: torch.Tensor,
+                    buffers: _SearchBuffers, sums: torch.Tensor) -> None:
+    """Σ w·q·x and Σ w·q² of every candidate scale into ``sums`` ``[2, 16, n]``, as the C loops accumulate.
+
+    ``x_t``, ``weight_t``: ``[32, n]``; ``twice_inverse``: ``[16, n]``, twice each candidate's inverse scale.
     """
-    _, _, level_table = _grid_tables(x_t.device)
-    # the signed value of largest magnitude, the first one on ties
-    first_max = x_t.abs().argmax(dim=0, keepdim=True)
-    signed_max = x_t.gather(0, first_max)[0]
-    amax = signed_max.abs()
-    near_zero = amax < GROUP_MAX_EPS
-    # near-zero sub-blocks get scale 0 below; searching them with max = 1 keeps every index in range
-    signed_max = torch.where(near_zero, torch.ones_like(signed_max), signed_max)
-    # candidate inverse scales: 1/d with d = -max/values[0], then (itry + values[0])/max for itry in [-ntry, ntry]
-    first_guess = 1.0 / (-signed_max / float(IQ4_LEVELS[0]))
-    tries = torch.arange(-N_TRY, N_TRY + 1, dtype=torch.float32, device=x_t.device) + IQ4_LEVELS[0]
-    inverse_scales = torch.cat([first_guess[None, :], tries[:, None] / signed_max[None, :]], dim=0)
-    # x·(2·id) equals 2·(x·id) exactly: the doubled scaled value whose floor picks the level
-    twice_scaled = x_t[:, None, :] * (inverse_scales * 2)[None, :, :]  # [32, 16, n]
-    position = twice_scaled.clamp_(_TWICE_LOW, _TWICE_HIGH).floor_().sub_(_TWICE_LOW).to(torch.int64)
-    q = torch.index_select(level_table, 0, position.reshape(-1)).view(position.shape)
-    del twice_scaled, position
-    wq = weight_t[:, None, :] * q  # ggml's order: (w*q)*x and (w*q)*q
-    sum_qx = _sequential_sum(wq * x_t[:, None, :])
-    sum_q2 = _sequential_sum(wq.mul_(q))
-    # the first guess sets the bar; a candidate replaces it only when strictly better (sumqx²/sumq2)
+    level_table = _search_level_table(x_t.device)
+    # x·(2·id) equals 2·(x·id) exactly: the doubled scaled value whose floor picks the level (best_index_int8)
+    twice_scaled = torch.mul(x_t[:, None, :], twice_inverse[None, :, :], out=buffers.twice_scaled)
+    buffers.position.copy_(twice_scaled.floor_().sub_(_SEARCH_LOW))
+    q = torch.index_select(level_table, 0, buffers.position.view(-1), out=buffers.q.view(-1)).view(buffers.q.shape)
+    wq = torch.mul(weight_t[:, None, :], q, out=buffers.wq)  # ggml's order: (w*q)*x and (w*q)*q
+    torch.mul(wq, x_t[:, None, :], out=buffers.terms[:, 0])
+    torch.mul(wq, q, out=buffers.terms[:, 1])
+    sums.copy_(buffers.term_rows[0])
+    for row in buffers.term_rows[1:]:
+        sums.add_(row)
+
+
+def _best_scales(sum_qx: torch.Tensor, sum_q2: torch.Tensor) -> torch.Tensor:
+    """quantize_row_iq4_nl_impl's choice among the candidates ``[16, n]``: the first guess sets the bar and a
+    later candidate replaces it only when strictly better, ``sumqx² > best·sumq2``; returns d = sumqx/sumq2."""
     has_q2 = sum_q2 > 0
     scale = torch.where(has_q2[0], sum_qx[0] / sum_q2[0], torch.zeros_like(sum_qx[0]))
     best = scale * sum_qx[0]
-    for c in range(1, inverse_scales.shape[0]):
+    for c in range(1, sum_qx.shape[0]):
         better = has_q2[c] & (sum_qx[c] * sum_qx[c] > best * sum_q2[c])
         scale = torch.where(better, sum_qx[c] / sum_q2[c], scale)
         best = torch.where(better, scale * sum_qx[c], best)
-    return torch.where(near_zero, torch.zeros_like(scale), scale)
+    return scale
+
+
+def _first_largest_magnitude(x_t: torch.Tensor) -> torch.Tensor:
+    """Per column of ``x_t`` ``[32, n]``, the value of largest |x|, the first one on ties (``if (ax > amax)``).
+
+    Only its sign needs the position: the largest of rank·2 + (x > 0) over the maxima, rank = 32 - position,
+    names the first maximum and carries its sign (cheaper than argmax over the leading dimension).
+    """
+    magnitude = x_t.abs()
+    amax = magnitude.amax(dim=0)
+    rank = torch.arange(2 * x_t.shape[0], 0, -2, dtype=torch.int32, device=x_t.device)[:, None]
+    key = (magnitude == amax).to(torch.int32).mul_(rank).add_((x_t > 0).to(torch.int32))
+    positive = key.amax(dim=0) % 2 == 1
+    return torch.where(positive, amax, -amax)
 
 
 def _sub_block_weights(x: torch.Tensor, importance: torch.Tensor | None, super_block: int) -> torch.Tensor:
@@ -123,20 +158,32 @@ def _sub_block_weights(x: torch.Tensor, importance: torch.Tensor | None, super_b
 
 
 def iq4_sub_block_scales(x: torch.Tensor, importance: torch.Tensor | None, super_block: int) -> torch.Tensor:
-    """Scales ``[n_super, super_block/32]`` of every 32-weight sub-block of ``x`` ``[n_super, super_block]``."""
+    """Scales ``[n_super, super_block/32]`` of every 32-weight sub-block of ``x`` ``[n_super, super_block]``,
+    as quantize_row_iq4_nl_impl's search with ntry = 7 (0 for near-zero sub-blocks)."""
     n_super = x.shape[0]
-    subs_per_super = super_block // SUB_BLOCK
-    per_pass = _SUB_BLOCKS_PER_PASS.get(x.device.type, _SUB_BLOCKS_PER_PASS_OTHER)
-    supers_per_pass = max(1, per_pass // subs_per_super)
-    scales = torch.empty(n_super, subs_per_super, dtype=torch.float32, device=x.device)
-    for start in range(0, n_super, supers_per_pass):
-        xs = x[start:start + supers_per_pass]
-        imp = None if importance is None else importance[start:start + supers_per_pass]
-        weight = _sub_block_weights(xs, imp, super_block)
-        x_t = xs.reshape(-1, SUB_BLOCK).t().contiguous()
-        weight_t = weight.reshape(-1, SUB_BLOCK).t().contiguous()
-        scales[start:start + supers_per_pass] = _search_sub_block_scales(x_t, weight_t).view(-1, subs_per_super)
-    return scales
+    weight = _sub_block_weights(x, importance, super_block)
+    x_t = x.reshape(-1, SUB_BLOCK).t().contiguous()  # [32, n_sub]: the sums run over contiguous rows
+    weight_t = weight.reshape(-1, SUB_BLOCK).t().contiguous()
+    n_sub = x_t.shape[1]
+    signed_max = _first_largest_magnitude(x_t)
+    near_zero = signed_max.abs() < GROUP_MAX_EPS
+    # near-zero sub-blocks get scale 0 below; searching them with max = 1 keeps every index in range
+    signed_max = torch.where(near_zero, torch.ones_like(signed_max), signed_max)
+    # candidate inverse scales: 1/d with d = -max/values[0], then (itry + values[0])/max for itry in [-ntry, ntry]
+    first_guess = 1.0 / (-signed_max / float(IQ4_LEVELS[0]))
+    tries = torch.arange(-N_TRY, N_TRY + 1, dtype=torch.float32, device=x.device) + IQ4_LEVELS[0]
+    twice_inverse = torch.cat([first_guess[None, :], tries[:, None] / signed_max[None, :]], dim=0).mul_(2)
+    sums = torch.empty(2, twice_inverse.shape[0], n_sub, dtype=torch.float32, device=x.device)
+    per_pass = min(n_sub, _SUB_BLOCKS_PER_PASS.get(x.device.type, _SUB_BLOCKS_PER_PASS_OTHER))
+    buffers = _SearchBuffers(per_pass, x.device)
+    for start in range(0, n_sub, per_pass):
+        stop = min(n_sub, start + per_pass)
+        if stop - start < per_pass:
+            buffers = _SearchBuffers(stop - start, x.device)
+        _candidate_sums(x_t[:, start:stop], weight_t[:, start:stop], twice_inverse[:, start:stop], buffers,
+                        sums[:, :, start:stop])
+    scales = _best_scales(sums[0], sums[1])
+    return torch.where(near_zero, torch.zeros_like(scales), scales).view(n_super, super_block // SUB_BLOCK)
 
 
 def _pack_nibbles(indices: torch.Tensor) -> torch.Tensor:
