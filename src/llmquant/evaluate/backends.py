@@ -182,7 +182,7 @@ def gguf_to_torch_model(path: Path, reader: Any, metadata: dict[str, Any], devic
             raise InputError(f"{path}: no tensor for the model's '{hf_name}' (looked for '{gguf_name}')")
         tensor = tensors[gguf_name]
         shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists the row length first
-        values = dequantize(np.asarray(tensor.data), tensor.tensor_type.name, shape)
+        values = dequantize(np.array(tensor.data), tensor.tensor_type.name, shape)  # a writable copy of the map
         values = torch.from_numpy(np.asarray(values, dtype=np.float32))
         if permuted and gguf_name.endswith("attn_q.weight"):
             values = unpermute_qk(values, n_head)

@@ -116,15 +116,21 @@ def report_markdown(results: Sequence[Measured], reference: str) -> str:
     return "\n".join(lines)
 
 
-def plot_frontier(results: Sequence[Measured], path: Path, reference: str) -> Path:
-    """frontier.png: file size against mean KLD, one labelled point per file, the Pareto-best ones marked."""
+def require_matplotlib() -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only; no display needed
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise InputError("the plot needs matplotlib: pip install 'llmquant[plot]'") from None
+
+
+def plot_frontier(results: Sequence[Measured], path: Path, reference: str) -> Path:
+    """frontier.png: file size against mean KLD, one labelled point per file, the Pareto-best ones marked."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
     sizes = [(r.size_bytes or 0) / 1e6 for r in results]
     klds = [r.figures.kld_mean for r in results]
     errors = [r.figures.kld_mean_err for r in results]
@@ -165,4 +171,5 @@ def write_report(results: Sequence[Measured], output_dir: Path, reference: str) 
     return paths
 
 
-__all__ = ["format_figures", "pareto_best", "plot_frontier", "report_json", "report_markdown", "write_report"]
+__all__ = ["format_figures", "pareto_best", "plot_frontier", "report_json", "report_markdown", "require_matplotlib",
+           "write_report"]

@@ -184,8 +184,9 @@ def compare_models(models: Sequence[str], reference: str, output_dir: str | os.P
                    backend: str = "llama.cpp", device: str = "cpu", save_reference: str | os.PathLike | None = None,
                    progress: bool = False) -> tuple[list[EvalResult], dict[str, Path]]:
     """``llmquant compare``: every model against one reference run; writes report.md, report.json, frontier.png."""
-    from llmquant.evaluate.report import write_report
+    from llmquant.evaluate.report import require_matplotlib, write_report
 
+    require_matplotlib()  # before the long runs, not after them
     if not models:
         raise InputError("give at least one model file to compare")
     paths = [resolve_evaluated(m) for m in models]  # fail on a missing file before the reference run
