@@ -36,18 +36,18 @@ _SUB_BLOCKS_PER_PASS_OTHER = 1 << 16
 
 @functools.cache
 def _grid_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(levels float32 [16], floor(2x) - _TWICE_LOW → level index int64, → level value float32) on ``device``."""
+    """(levels float32 [16], floor(2x) - _TWICE_LOW → level index uint8, → level value float32) on ``device``."""
     levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32)
     twice_midpoints = torch.tensor([a + b for a, b in zip(IQ4_LEVELS[:-1], IQ4_LEVELS[1:], strict=True)])
     twice_x = torch.arange(_TWICE_LOW, _TWICE_HIGH + 1)
     index = (twice_midpoints[None, :] <= twice_x[:, None]).sum(dim=1)
-    return levels.to(device), index.to(device), levels[index].to(device)
+    return levels.to(device), index.to(torch.uint8).to(device), levels[index].to(device)
 
 
 def nearest_level_index(scaled: torch.Tensor) -> torch.Tensor:
-    """best_index_int8(16, kvalues_iq4nl, x) for every element: int64 indices 0..15 (NaN → 15, as the C search)."""
+    """best_index_int8(16, kvalues_iq4nl, x) for every element: uint8 indices 0..15 (NaN → 15, as the C search)."""
     _, index_table, _ = _grid_tables(scaled.device)
-    twice = torch.nan_to_num(scaled * 2, nan=float(_TWICE_HIGH))
+    twice = (scaled * 2).nan_to_num_(nan=float(_TWICE_HIGH))  # in place: fresh large tensors cost page faults
     position = twice.clamp_(_TWICE_LOW, _TWICE_HIGH).floor_().sub_(_TWICE_LOW).to(torch.int32)
     return torch.index_select(index_table, 0, position.view(-1)).view(scaled.shape)
 
@@ -62,7 +62,7 @@ def _sequential_sum(terms: torch.Tensor) -> torch.Tensor:
 
 def _sqrt_float32(values: torch.Tensor) -> torch.Tensor:
     """sqrtf, correctly rounded: torch's float32 CPU sqrt can be one ulp off; a float64 root rounds exactly."""
-    return torch.sqrt(values.to(torch.float64)).to(torch.float32)
+    return values.to(torch.float64).sqrt_().to(torch.float32)
 
 
 def _fp32_to_fp16(values: torch.Tensor) -> torch.Tensor:
@@ -187,8 +187,8 @@ def iq4_sub_block_scales(x: torch.Tensor, importance: torch.Tensor | None, super
 
 
 def _pack_nibbles(indices: torch.Tensor) -> torch.Tensor:
-    """Level indices ``[n, 32·k]`` → ``[n, 16·k]`` bytes: per 32 weights, byte j = L[j] | L[16 + j] << 4."""
-    grouped = indices.to(torch.uint8).view(indices.shape[0], -1, 2, 16)
+    """Level indices uint8 ``[n, 32·k]`` → ``[n, 16·k]`` bytes: per 32 weights, byte j = L[j] | L[16 + j] << 4."""
+    grouped = indices.view(indices.shape[0], -1, 2, 16)
     return (grouped[:, :, 0] | (grouped[:, :, 1] << 4)).reshape(indices.shape[0], -1)
 
 
