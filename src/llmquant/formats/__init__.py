@@ -51,7 +51,8 @@ def quantize(weights, type_name: str, imatrix=None, chunk_rows: int | None = Non
         raise ValueError(
             f"{fmt.name}: row length {n_per_row} is not a multiple of the block size {fmt.block_size}"
         )
-    if not bool(torch.isfinite(w).all()):
+    # a finite sum proves every weight finite (one fast pass); only otherwise look closer
+    if not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"{fmt.name}: weights contain {bad} non-finite values (NaN or inf)")
     importance = None
@@ -68,7 +69,7 @@ def quantize(weights, type_name: str, imatrix=None, chunk_rows: int | None = Non
     blocks_per_row = n_per_row // fmt.block_size
     row_bytes = blocks_per_row * fmt.bytes_per_block
     out = np.empty((rows, row_bytes), dtype=np.uint8)
-    step = chunk_rows or max(1, _CHUNK_WEIGHTS // max(n_per_row, 1))
+    step = chunk_rows or max(1, (fmt.chunk_weights or _CHUNK_WEIGHTS) // max(n_per_row, 1))
     for start in range(0, rows, step):
         chunk = w[start:start + step].contiguous()
         data = fmt.quantize_rows(chunk, importance)

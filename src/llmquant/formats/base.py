@@ -20,6 +20,7 @@ class BlockFormat:
     block_size: ClassVar[int]  # weights per block
     bytes_per_block: ClassVar[int]
     needs_imatrix: ClassVar[bool] = False  # True where an importance vector is needed for good quality
+    chunk_weights: ClassVar[int | None] = None  # weights per quantize_rows call; None: formats/__init__'s default
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

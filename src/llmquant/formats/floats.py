@@ -28,9 +28,13 @@ class F16(BlockFormat):
     block_size = 1
     bytes_per_block = 2
 
+    chunk_weights = 1 << 18  # rows per call small enough to stay in cache
+
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         values = blocks.to(torch.float32).reshape(-1)
         bits = values.to(torch.float16).view(torch.int16)
+        if not torch.isnan(values.sum()):  # a sum is NaN whenever a term is (one fast pass): no NaN to rewrite
+            return bits.view(torch.uint8).reshape(-1, 2)
         # ggml writes every NaN as the quiet NaN 0x7e00 with the input's sign; torch keeps payload bits
         quiet_nan = torch.where(torch.signbit(values), torch.tensor(-0x200, dtype=torch.int16, device=values.device),
                                 torch.tensor(0x7E00, dtype=torch.int16, device=values.device))
@@ -48,9 +52,14 @@ class BF16(BlockFormat):
     block_size = 1
     bytes_per_block = 2
 
+    chunk_weights = 1 << 18  # rows per call small enough to stay in cache
+
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        values = blocks.to(torch.float32)
+        if not torch.isnan(values.sum()):  # no NaN: torch's conversion rounds to nearest even, as ggml
+            return values.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(-1, 2)
         # int64 holds the unsigned 32-bit pattern, so the rounding carry cannot overflow
-        bits = blocks.to(torch.float32).contiguous().view(torch.int32).reshape(-1).to(torch.int64) & 0xFFFFFFFF
+        bits = values.contiguous().view(torch.int32).reshape(-1).to(torch.int64) & 0xFFFFFFFF
         is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
         rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
         quieted = (bits >> 16) | 64  # ggml keeps a NaN's top bits and forces it quiet

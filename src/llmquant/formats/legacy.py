@@ -55,6 +55,40 @@ def _sym_row_mean_square(rows: torch.Tensor) -> torch.Tensor:
     return sum_x2 / torch.full_like(sum_x2, float(rows.shape[1]))
 
 
+# below this a block's scale is a denormal, whose inverse may be inaccurate or infinite: those chunks take the
+# exact slow path (C's wrapping conversions); above it every scaled value is provably in range
+_SYM_FLT_MIN = 2.0**-126
+# the float just below 0.5: trunc(y + copysign(it, y)) is C's roundf(y) for every float y (checked exhaustively)
+_SYM_HALF_BELOW = 0.49999997
+
+
+def _sym_scales_are_normal(scale: torch.Tensor) -> bool:
+    magnitude = scale.abs()
+    return not bool(((magnitude > 0) & (magnitude < _SYM_FLT_MIN)).any())
+
+
+def _sym_reference_levels_fast(blocks: torch.Tensor, inverse: torch.Tensor, nmax: int) -> torch.Tensor:
+    """quantize_row_q4_0_ref's ``MIN(2·nmax - 1, (int8_t)(x/d + nmax + 0.5))`` as uint8, for normal scales:
+    the sum is then in [0.49, 2·nmax + 0.51], so clamping before a truncating conversion is the same."""
+    scaled = torch.mul(blocks, inverse[:, None])
+    scaled.add_(nmax + 0.5).clamp_(max=2 * nmax - 1)
+    return scaled.to(torch.int8).view(torch.uint8)
+
+
+def _sym_pack_nibbles_u8(levels: torch.Tensor, out: torch.Tensor) -> None:
+    # as _sym_pack_nibbles, on uint8 levels already below 16, written into ``out`` [n, 16]
+    torch.bitwise_or(levels[:, :16], levels[:, 16:] << 4, out=out)
+
+
+def _sym_fifth_bits(levels: torch.Tensor) -> torch.Tensor:
+    """Q5_0's qh from uint8 levels [n, 32]: bit e of the little-endian uint32 is bit 4 of level e.
+    Each run of 8 levels is read as one int64; multiplying by 0x0102040810204080 gathers one bit of each of
+    its bytes into the top byte, in order."""
+    eights = levels.reshape(-1, 32).view(torch.int64)  # [n, 4]
+    bits = (eights >> 4) & 0x0101010101010101
+    return (((bits * 0x0102040810204080) >> 56) & 0xFF).to(torch.uint8)
+
+
 def _sym_scale_and_levels(
     blocks: torch.Tensor, importance: torch.Tensor | None, sigma2: torch.Tensor | None, nmax: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +130,18 @@ class _SymmetricLegacy(BlockFormat):
     def _pack(self, scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    chunk_weights = 1 << 18  # stays in cache
+
+    def _pack_fast(self, scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        if importance is None:
+            scale = search.signed_absmax(blocks)
+            scale = scale / torch.full_like(scale, float(-self.nmax))
+            if _sym_scales_are_normal(scale):
+                levels = _sym_reference_levels_fast(blocks, _sym_inverse_or_zero(scale), self.nmax)
+                return self._pack_fast(scale, levels)
         return self._pack(*_sym_scale_and_levels(blocks, importance, None, self.nmax))
 
     def quantize_rows(self, rows: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
@@ -118,9 +163,19 @@ class Q8_0(BlockFormat):
     block_size = 32
     bytes_per_block = 34
 
+    chunk_weights = 1 << 18  # stays in cache
+
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         amax = blocks.abs().amax(dim=1)
         scale = amax / torch.full_like(amax, 127.0)
+        if _sym_scales_are_normal(scale):
+            # |x/d| <= 127.00003: roundf and the int8 conversion need no wrapping
+            scaled = torch.mul(blocks, _sym_inverse_or_zero(scale)[:, None])
+            scaled.add_(torch.sign(scaled), alpha=_SYM_HALF_BELOW)
+            out = torch.empty((blocks.shape[0], 34), dtype=torch.uint8, device=blocks.device)
+            out[:, :2] = _sym_fp16_bytes(scale)
+            out[:, 2:] = scaled.to(torch.int8).view(torch.uint8)
+            return out
         levels = _sym_c_float_to_int8(_sym_round_half_away(blocks * _sym_inverse_or_zero(scale)[:, None]))
         levels = levels.to(torch.int8)
         return torch.cat([_sym_fp16_bytes(scale), levels.view(torch.uint8)], dim=1)
@@ -140,6 +195,12 @@ class Q4_0(_SymmetricLegacy):
 
     def _pack(self, scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         return torch.cat([_sym_fp16_bytes(scale), _sym_pack_nibbles(levels)], dim=1)
+
+    def _pack_fast(self, scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((levels.shape[0], 18), dtype=torch.uint8, device=levels.device)
+        out[:, :2] = _sym_fp16_bytes(scale)
+        _sym_pack_nibbles_u8(levels, out[:, 2:])
+        return out
 
     def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
         scale = _sym_fp16_values(data[:, :2])
@@ -161,6 +222,13 @@ class Q5_0(_SymmetricLegacy):
         shifts = torch.arange(8, device=levels.device, dtype=torch.int32)
         qh = (fifth << shifts).sum(dim=2).to(torch.uint8)
         return torch.cat([_sym_fp16_bytes(scale), qh, _sym_pack_nibbles(levels & 0xF)], dim=1)
+
+    def _pack_fast(self, scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((levels.shape[0], 22), dtype=torch.uint8, device=levels.device)
+        out[:, :2] = _sym_fp16_bytes(scale)
+        out[:, 2:6] = _sym_fifth_bits(levels)
+        _sym_pack_nibbles_u8(levels & 0xF, out[:, 6:])
+        return out
 
     def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
         scale = _sym_fp16_values(data[:, :2])

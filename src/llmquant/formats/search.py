@@ -56,6 +56,19 @@ def sequential_sum(terms: torch.Tensor) -> torch.Tensor:
 def signed_absmax(x: torch.Tensor) -> torch.Tensor:
     """The value of largest magnitude in each group, keeping its sign; the first one wins on ties and an
     all-zero group gives +0 (as ggml's ``if (ax > amax) { amax = ax; max = x[i]; }``)."""
+    # two fast reductions decide every group but those whose max and -min tie; only those look for the first
+    high = x.amax(dim=1)
+    low = x.amin(dim=1)
+    picked = torch.where(high >= -low, high, low)
+    tied = (high == -low) & (high > 0)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        picked[rows] = _signed_absmax_first(x[rows])
+    return torch.where(picked != 0, picked, torch.zeros_like(picked))
+
+
+def _signed_absmax_first(x: torch.Tensor) -> torch.Tensor:
+    # signed_absmax by position: the first value of largest magnitude
     magnitude = x.abs()
     amax = magnitude.amax(dim=1, keepdim=True)
     positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
