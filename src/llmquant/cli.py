@@ -124,25 +124,68 @@ def imatrix(model: str, text_files: tuple[str, ...], output: str, ctx: int, chun
                f"{run.tokens_per_second:.0f} tokens/s on {run.device}")
 
 
-@cli.command()
+@cli.command(epilog="File types: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q2_K_S Q3_K_S Q3_K_M Q3_K_L Q4_K_S "
+                     "Q4_K_M Q5_K_S Q5_K_M Q6_K IQ4_NL IQ4_XS. The _S/_M/_L mixes give more bits to the tensors "
+                     "that matter most (attn_v, ffn_down, output), exactly as llama-quantize does.")
 @click.argument("model", metavar="MODEL")
 @click.option("-o", "--output", required=True, help="Output GGUF file, or a folder when several types are given.")
 @click.option("-t", "--type", "types", required=True, metavar="TYPE[,TYPE…]",
-              help="llama.cpp file type(s): Q4_K_M, Q5_K_M, Q8_0, IQ4_XS, …")
-@click.option("--imatrix", "imatrix_file", default=None, help="An importance matrix file (ours or llama.cpp's).")
-@click.option("--calib", multiple=True, help="Compute an importance matrix on the fly from this text (repeatable).")
+              help="llama.cpp file type(s), comma-separated: Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ4_XS, … "
+                   "(see the list below).")
+@click.option("--imatrix", "imatrix_file", default=None, metavar="FILE",
+              help="Importance matrix: ours or llama.cpp's (imatrix GGUF or legacy .dat).")
+@click.option("--calib", multiple=True, metavar="TEXT",
+              help="Compute an importance matrix on the fly from this text (file, JSONL, or 'builtin'); repeatable.")
+@click.option("--calib-chunks", type=int, default=100, show_default=True,
+              help="Chunks of --calib-ctx tokens used for the on-the-fly importance matrix.")
+@click.option("--calib-ctx", type=int, default=512, show_default=True, help="Tokens per calibration chunk.")
+@click.option("--pure", is_flag=True, help="Every quantizable tensor gets the file type's default tensor type.")
+@click.option("--output-tensor-type", default=None, metavar="TYPE", help="Tensor type of output.weight.")
+@click.option("--token-embedding-type", default=None, metavar="TYPE", help="Tensor type of token_embd.weight.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+              help="Override the type of tensors whose name matches REGEX (first match wins); repeatable.")
+@click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight in its input type.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 def quantize(model: str, output: str, types: str, imatrix_file: str | None, calib: tuple[str, ...],
+             calib_chunks: int, calib_ctx: int, pure: bool, output_tensor_type: str | None,
+             token_embedding_type: str | None, tensor_types: tuple[str, ...], leave_output_tensor: bool,
              threads: int | None, device: str) -> None:
     """Quantize a model to one of llama.cpp's mixes, with the same tensor types as llama-quantize.
+
+    MODEL is a Hugging Face folder, 'smollm2-135m', or an F32/F16/BF16 GGUF. Without --imatrix or
+    --calib the tensors are quantized without an importance matrix (the summary says so).
 
     \b
     Examples:
       llmquant quantize smollm2-135m -o smollm2-Q4_K_M.gguf --type Q4_K_M
-      llmquant quantize ./model -o quants/ --type Q4_K_M,Q5_K_M,IQ4_XS --calib wiki.txt
+      llmquant quantize smollm2-135m -o quants/ --type Q4_K_M,Q6_K,IQ4_XS --calib builtin
+      llmquant quantize model-f16.gguf -o out.gguf --type Q5_K_M --imatrix imatrix.gguf
+      llmquant quantize ./model -o out.gguf --type Q4_K_M --tensor-type 'ffn_down=Q6_K'
     """
-    _not_yet("quantize")
+    from llmquant.pipeline.quantize import format_results, quantize_model
+    from llmquant.recipes.mixes import MixOptions
+
+    overrides = []
+    for item in tensor_types:
+        pattern, sep, type_name = item.rpartition("=")
+        if not sep or not pattern or not type_name:
+            raise click.BadParameter(f"{item!r}: expected REGEX=TYPE, e.g. 'attn_v=Q8_0'", param_hint="--tensor-type")
+        overrides.append((pattern, type_name.upper()))
+    options = MixOptions(
+        pure=pure,
+        output_tensor_type=output_tensor_type.upper() if output_tensor_type else None,
+        token_embedding_type=token_embedding_type.upper() if token_embedding_type else None,
+        tensor_types=tuple(overrides),
+        leave_output_tensor=leave_output_tensor,
+    )
+    try:
+        results = quantize_model(model, output, types, imatrix_file=imatrix_file, calib=list(calib), options=options,
+                                 device=device, threads=threads, calib_chunks=calib_chunks, calib_ctx=calib_ctx,
+                                 progress=True, log=lambda msg: click.echo(msg, err=True))
+    except ValueError as exc:  # bad option values reported by the recipes
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_results(results))
 
 
 _EVAL_TEXT_HELP = "Evaluation text: plain text or JSONL with a 'text' field; repeatable. Default: built-in text."

@@ -39,6 +39,8 @@ def load_text_sources(specs: Sequence[str]) -> list[TextSource]:
 
 def load_text_source(spec: str) -> TextSource:
     """Read one spec: a text file, a JSONL file or ``hf:NAME[:CONFIG[:SPLIT]]``."""
+    if spec in ("builtin", BUILTIN_NAME):  # the built-in text, named explicitly (e.g. quantize --calib builtin)
+        return TextSource(BUILTIN_NAME, builtin_text())
     if spec.startswith(DATASET_PREFIX):
         return _load_dataset(spec)
     path = Path(spec).expanduser()

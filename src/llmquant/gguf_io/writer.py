@@ -70,6 +70,9 @@ class StreamingGGUFWriter:
         if self._next != len(self._declared):
             raise RuntimeError(f"only {self._next} of {len(self._declared)} declared tensors were written")
         self.writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp_path, 0o666 & ~umask)  # mkstemp made it private; the finished file is an ordinary one
         os.replace(self.tmp_path, self.path)
         return self.path
 

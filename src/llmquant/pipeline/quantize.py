@@ -1,0 +1,396 @@
+"""``llmquant quantize``: a model to llama.cpp's quant mixes, one tensor at a time, no C++ needed.
+
+The source is an F32/F16/BF16 GGUF, or a Hugging Face folder converted once (losslessly, in its own
+precision) to a temporary GGUF beside the output. Each requested file type then streams that GGUF tensor by
+tensor: the mix (``recipes``) picks each tensor's type, ``formats`` quantizes it with the tensor's
+importance vector, and the writer puts it in place. The KV metadata is copied as llama-quantize copies it, so
+the file has the same tensor types, layout and size as ``llama-quantize``'s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFValueType
+
+from llmquant.errors import InputError
+from llmquant.formats import FORMATS, dequantize, quantize
+from llmquant.gguf_io.reader import open_gguf
+from llmquant.gguf_io.writer import StreamingGGUFWriter
+from llmquant.models.demo import DEMO_MODEL_NAME, resolve_model
+from llmquant.recipes.arch import arch_info_from_metadata
+from llmquant.recipes.file_types import FILE_TYPES, FileType, file_type
+from llmquant.recipes.mixes import MixOptions, TensorSpec, plan_mix
+
+# GGML_QNT_VERSION: written by llama-quantize into every file it makes
+QUANTIZATION_VERSION = 2
+# keys llama-quantize drops from the copied metadata (split bookkeeping)
+_DROPPED_KEYS = ("split.no", "split.count", "split.tensors.count")
+# the file types our formats can build (every tensor type of the mix must be implemented)
+SOURCE_TYPES = ("F32", "F16", "BF16")
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    file_type: str
+    n_bytes: int
+    n_weights: int
+    tensor_bytes: int
+    type_counts: dict[str, int]
+    seconds: float
+    imatrix: str | None  # where the importance matrix came from, or None
+    fallbacks: int = 0
+    unweighted: list[str] = field(default_factory=list)  # quantized tensors the imatrix had no entry for
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.tensor_bytes / self.n_weights if self.n_weights else 0.0
+
+
+# llama.cpp's file types that ``quantize`` builds (each tensor type of their mixes is in llmquant.formats)
+QUANTIZE_FILE_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L",
+    "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS",
+)
+
+
+def supported_file_types() -> list[str]:
+    """The file types ``--type`` accepts: those whose default tensor type our formats implement."""
+    return [name for name in QUANTIZE_FILE_TYPES if FILE_TYPES[name].default_type in FORMATS]
+
+
+def parse_file_types(spec: str | Sequence[str]) -> list[FileType]:
+    names = [s.strip().upper() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not names:
+        raise InputError("--type: give at least one file type, e.g. Q4_K_M")
+    supported = supported_file_types()
+    out = []
+    for name in names:
+        if name not in supported:
+            raise InputError(f"--type {name}: not supported; choose from {', '.join(supported)}")
+        out.append(file_type(name))
+    if len({ft.name for ft in out}) != len(out):
+        raise InputError(f"--type {spec}: a file type is named twice")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The source: an F32/F16/BF16 GGUF, memory-mapped
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFSource:
+    path: Path
+    reader: gguf.GGUFReader
+    metadata: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: Path) -> GGUFSource:
+        reader = open_gguf(path)
+        metadata = {key: f.contents() for key, f in reader.fields.items() if not key.startswith("GGUF.")}
+        for t in reader.tensors:
+            type_name = GGMLQuantizationType(int(t.tensor_type)).name
+            if type_name not in SOURCE_TYPES and _n_dims(t.shape) > 1:
+                raise InputError(
+                    f"{path}: tensor {t.name} is already quantized ({type_name}); give an F32, F16 or BF16 model "
+                    "(requantizing a quantized file loses quality twice)"
+                )
+        return cls(path=path, reader=reader, metadata=metadata)
+
+    def specs(self) -> list[TensorSpec]:
+        return [
+            TensorSpec(t.name, tuple(int(d) for d in t.shape), GGMLQuantizationType(int(t.tensor_type)).name)
+            for t in self.reader.tensors
+        ]
+
+    def tensor(self, name: str) -> Any:
+        return self._by_name[name]
+
+    @property
+    def _by_name(self) -> dict[str, Any]:
+        if not hasattr(self, "_index"):
+            self._index = {t.name: t for t in self.reader.tensors}
+        return self._index
+
+
+def _n_dims(shape: Sequence[int]) -> int:
+    dims = [int(d) for d in shape]
+    while len(dims) > 1 and dims[-1] == 1:
+        dims.pop()
+    return len(dims)
+
+
+def _copy_metadata(writer: StreamingGGUFWriter, source: GGUFSource, ft: FileType) -> None:
+    """The input's KV pairs as llama-quantize copies them, with the quantization version and file type set."""
+    for key, f in source.reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in _DROPPED_KEYS:
+            continue
+        if key in ("general.quantization_version", "general.file_type"):
+            continue
+        main = f.types[0]
+        sub = f.types[-1] if main == GGUFValueType.ARRAY else None
+        writer.writer.add_key_value(key, f.contents(), main, sub_type=sub)
+    writer.writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
+    writer.writer.add_uint32("general.file_type", ft.ftype)
+
+
+def _importance_for(name: str, shape: tuple[int, ...], imatrix: Mapping[str, np.ndarray] | None) -> Any:
+    """The tensor's importance vector(s): one per expert for stacked MoE tensors; None when absent."""
+    if imatrix is None or name not in imatrix:
+        return None
+    vec = np.asarray(imatrix[name], dtype=np.float32).reshape(-1)
+    n_per_row = shape[0]
+    n_expert = shape[2] if len(shape) > 2 else 1
+    if vec.size != n_per_row * n_expert:
+        if name == "token_embd.weight":  # llama.cpp ignores a mismatched token-embedding entry
+            return None
+        raise InputError(f"imatrix entry for {name} has {vec.size} values, the tensor needs {n_per_row * n_expert}")
+    return vec.reshape(n_expert, n_per_row)
+
+
+def _encode(values: np.ndarray, type_name: str, importance: np.ndarray | None, device: torch.device) -> np.ndarray:
+    """float32 weights (numpy order, row length last) → the bytes of ``type_name``."""
+    n_per_row = values.shape[-1]
+    if values.ndim <= 2 or importance is None:
+        rows = torch.from_numpy(values.reshape(-1, n_per_row)).to(device)
+        return quantize(rows, type_name, imatrix=None if importance is None else importance[0])
+    experts = values.reshape(values.shape[0], -1, n_per_row)
+    parts = [
+        quantize(torch.from_numpy(experts[e]).to(device), type_name, imatrix=importance[e])
+        for e in range(experts.shape[0])  # one importance vector per expert, as llama.cpp slices it
+    ]
+    return np.concatenate(parts, axis=0)
+
+
+def quantize_gguf(
+    source: GGUFSource,
+    output: Path,
+    ft: FileType,
+    imatrix: Mapping[str, np.ndarray] | None = None,
+    imatrix_name: str | None = None,
+    options: MixOptions | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> QuantizeResult:
+    """Write ``source`` as file type ``ft`` to ``output`` (under a temporary name until complete)."""
+    start = time.perf_counter()
+    options = options or MixOptions()
+    options = MixOptions(**{**options.__dict__, "has_imatrix": imatrix is not None})
+    arch_info = arch_info_from_metadata(source.metadata)
+    plan = plan_mix(source.specs(), arch_info, ft, options)
+    if plan.needs_imatrix and imatrix is None:
+        raise InputError(
+            f"{ft.name} needs an importance matrix for {len(plan.needs_imatrix)} tensors (e.g. "
+            f"{plan.needs_imatrix[0]}): give --imatrix FILE or --calib TEXT"
+        )
+    missing = [t for t in plan.types.values() if t not in FORMATS]
+    if missing:
+        raise InputError(f"{ft.name}: tensor type {missing[0]} is not implemented in llmquant.formats yet")
+    dev = torch.device(device)
+    arch = str(source.metadata["general.architecture"])
+    unweighted: list[str] = []
+    n_weights = 0
+    tensor_bytes = 0
+    with StreamingGGUFWriter(output, arch) as writer:
+        for name, type_name in plan.types.items():
+            t = source.tensor(name)
+            numpy_shape = tuple(int(d) for d in reversed(t.shape))
+            writer.declare(name, numpy_shape, GGMLQuantizationType[type_name])
+        _copy_metadata(writer, source, ft)
+        writer.begin()
+        bar = _progress_bar(len(plan.types), f"{ft.name}", progress)
+        try:
+            for name, type_name in plan.types.items():
+                t = source.tensor(name)
+                shape = tuple(int(d) for d in t.shape)
+                src_type = GGMLQuantizationType(int(t.tensor_type)).name
+                numpy_shape = tuple(reversed(shape))
+                n = int(t.n_elements)
+                raw = np.array(t.data).view(np.uint8)  # one tensor copied out of the memory map
+                if type_name == src_type:
+                    data = raw  # kept as it is: copied byte for byte
+                else:
+                    values = dequantize(raw, src_type, numpy_shape)
+                    importance = _importance_for(name, shape, imatrix)
+                    if imatrix is not None and importance is None and FORMATS[type_name].block_size > 1:
+                        unweighted.append(name)
+                    data = _encode(values, type_name, importance, dev)
+                writer.write(name, data)
+                n_weights += n
+                tensor_bytes += data.nbytes
+                bar.set_postfix_str(f"{name} → {type_name}", refresh=False)
+                bar.update(1)
+        finally:
+            bar.close()
+        path = writer.finish()
+    return QuantizeResult(
+        path=path,
+        file_type=ft.name,
+        n_bytes=path.stat().st_size,
+        n_weights=n_weights,
+        tensor_bytes=tensor_bytes,
+        type_counts=dict(Counter(plan.types.values()).most_common()),
+        seconds=time.perf_counter() - start,
+        imatrix=imatrix_name,
+        fallbacks=len(plan.fallbacks),
+        unweighted=unweighted,
+    )
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tensor", desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole job
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _lossless_outtype(folder: Path) -> str:
+    """The GGUF type that holds the folder's weights exactly: their own dtype."""
+    import json
+
+    try:
+        dtype = str(json.loads((folder / "config.json").read_text()).get("torch_dtype")
+                    or json.loads((folder / "config.json").read_text()).get("dtype") or "float32")
+    except (OSError, ValueError):
+        return "f32"
+    return {"bfloat16": "bf16", "float16": "f16"}.get(dtype.replace("torch.", ""), "f32")
+
+
+def quantize_model(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    types: str | Sequence[str],
+    imatrix_file: str | os.PathLike | None = None,
+    calib: Sequence[str] | None = None,
+    options: MixOptions | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    calib_chunks: int | None = 100,
+    calib_ctx: int = 512,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> list[QuantizeResult]:
+    """Quantize ``model`` to each file type in ``types``; one conversion and one imatrix serve them all."""
+    file_types = parse_file_types(types)
+    if imatrix_file and calib:
+        raise InputError("give either --imatrix or --calib, not both")
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    output = Path(output)
+    if len(file_types) > 1 and output.suffix.lower() == ".gguf":
+        raise InputError(f"{output}: several types need an output folder, not a .gguf file")
+    model_path = resolve_model(model) if str(model) == DEMO_MODEL_NAME else Path(model).expanduser()
+    if not model_path.exists():
+        raise InputError(f"{model_path}: no such file or folder (or use the built-in demo model '{DEMO_MODEL_NAME}')")
+
+    imatrix: dict[str, np.ndarray] | None = None
+    imatrix_name: str | None = None
+    if imatrix_file:
+        from llmquant.gguf_io.imatrix import load_importance
+
+        path = Path(imatrix_file)
+        if not path.is_file():
+            raise InputError(f"{path}: no such imatrix file")
+        imatrix, imatrix_name = load_importance(path), str(path)
+
+    # scratch space (the converted source, an on-the-fly imatrix) beside the outputs, not in a small /tmp
+    scratch_parent = output if len(file_types) > 1 else output.parent
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=".llmquant-", dir=scratch_parent))
+    try:
+        if _is_gguf(model_path):
+            source_path = model_path
+            if calib:
+                raise InputError("--calib needs a Hugging Face model folder to run; for a GGUF give --imatrix FILE")
+        elif model_path.is_dir():
+            from llmquant.pipeline.convert import convert_model
+
+            outtype = _lossless_outtype(model_path)
+            log(f"converting {model_path} to a temporary {outtype.upper()} GGUF")
+            source_path = workdir / "source.gguf"
+            convert_model(model_path, source_path, outtype=outtype, progress=progress)
+            if calib:
+                from llmquant.pipeline.imatrix import run_imatrix
+
+                log(f"computing the importance matrix from {', '.join(calib)}")
+                run = run_imatrix(model_path, list(calib), output=workdir / "imatrix.gguf", n_ctx=calib_ctx,
+                                  n_chunks=calib_chunks, device=device, progress=progress)
+                from llmquant.gguf_io.imatrix import importance_vectors
+
+                imatrix = importance_vectors(run.data)
+                imatrix_name = f"computed from {', '.join(calib)}"
+        else:
+            raise InputError(f"{model_path}: not a GGUF file or a Hugging Face model folder")
+
+        source = GGUFSource.open(source_path)
+        src_types = {GGMLQuantizationType(int(t.tensor_type)).name for t in source.reader.tensors}
+        if src_types - set(SOURCE_TYPES):
+            raise InputError(f"{source_path}: holds {sorted(src_types - set(SOURCE_TYPES))} tensors; "
+                             "give an F32, F16 or BF16 model")
+        results = []
+        for ft in file_types:
+            if len(file_types) > 1:
+                target = output / f"{_output_stem(model, model_path)}-{ft.name}.gguf"
+            else:
+                target = output
+            results.append(quantize_gguf(source, target, ft, imatrix=imatrix, imatrix_name=imatrix_name,
+                                         options=options, device=device, progress=progress))
+        return results
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _output_stem(model: str | os.PathLike, model_path: Path) -> str:
+    """``smollm2-135m``, ``Llama-3.2-1B`` (folder name) or ``model`` (``model-f16.gguf`` without its type)."""
+    if str(model) == DEMO_MODEL_NAME:
+        return DEMO_MODEL_NAME
+    stem = model_path.name if model_path.is_dir() else model_path.stem
+    for suffix in ("-f32", "-f16", "-bf16", "-F32", "-F16", "-BF16"):
+        stem = stem.removesuffix(suffix)
+    return stem
+
+
+def format_results(results: Sequence[QuantizeResult]) -> str:
+    from llmquant.pipeline.inspect import human_bytes
+
+    lines = []
+    for r in results:
+        types = ", ".join(f"{n} {t}" for t, n in r.type_counts.items())
+        lines.append(f"{r.path}: {r.file_type}, {human_bytes(r.n_bytes)}, {r.bits_per_weight:.3f} bits per weight, "
+                     f"{r.seconds:.1f} s")
+        lines.append(f"  tensors: {types}")
+        if r.fallbacks:
+            lines.append(f"  {r.fallbacks} tensors used a fallback type (rows not a multiple of the block size)")
+        if r.imatrix:
+            lines.append(f"  importance matrix: {r.imatrix}")
+            if r.unweighted:
+                lines.append(f"  {len(r.unweighted)} tensors had no imatrix entry (e.g. {r.unweighted[0]})")
+        else:
+            lines.append("  no importance matrix: quantized without one (give --imatrix or --calib for better quality)")
+    return "\n".join(lines)
