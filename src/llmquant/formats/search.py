@@ -29,27 +29,24 @@ def divide_scalar_by(numerator: float, values: torch.Tensor) -> torch.Tensor:
 
 
 def sqrt_f32(values: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 square root, as C's sqrtf (torch's CPU float32 sqrt can be 1 ulp off).
-
-    The float64 root rounded to float32 is corrected by comparing x with the squares of the neighbouring
-    float32 midpoints, which float64 holds exactly."""
-    wide = values.to(torch.float64)
-    root = wide.sqrt().to(torch.float32)
-    up = torch.nextafter(root, torch.full_like(root, float("inf")))
-    down = torch.nextafter(root, torch.zeros_like(root))
-    mid_up = (root.to(torch.float64) + up.to(torch.float64)) * 0.5
-    mid_down = (root.to(torch.float64) + down.to(torch.float64)) * 0.5
-    root = torch.where((wide > mid_up * mid_up) & torch.isfinite(up), up, root)
-    return torch.where((wide < mid_down * mid_down) & (root > 0), down, root)
+    """Correctly rounded float32 square root, as C's sqrtf (torch's CPU float32 sqrt can be 1 ulp off)."""
+    # the float64 root is correctly rounded, and rounding it again to float32 is too: 53 >= 2·24 + 2 makes the
+    # double rounding of a square root innocuous (Figueroa, "When is double rounding innocuous?", 1995)
+    return values.to(torch.float64).sqrt_().to(torch.float32)
 
 
 def sequential_sum(terms: torch.Tensor) -> torch.Tensor:
     """Sum ``[n_groups, n]`` along n left to right in float32, as ggml's scalar loops accumulate
     (torch's reductions add pairwise, which differs in the last bit and flips near-ties)."""
-    columns = terms.t()
-    total = torch.zeros_like(columns[0])
-    for column in columns:
-        total = total + column
+    return sequential_sum_rows(terms.t().contiguous())
+
+
+def sequential_sum_rows(terms: torch.Tensor) -> torch.Tensor:
+    """Sum ``[n, ...]`` over its first dim left to right in float32, from +0 as ggml's loops start
+    (element-major: each step adds one contiguous row, in place)."""
+    total = torch.zeros_like(terms[0])
+    for row in terms:
+        total.add_(row)
     return total
 
 
@@ -119,6 +116,9 @@ def make_qx_quants(
         levels = torch.where(all_zero[:, None], torch.zeros_like(levels), levels + nmax)
         return torch.where(all_zero, zero_scale, scale), levels
 
+    if rmse_type > 0:
+        return _qx_search(x, nmax, weights if weights is not None else _rmse_weights(x, rmse_type),
+                          all_zero, safe_max, inverse_scale)
     if rmse_type == 0:
         return finish(divide_scalar_by(1.0, inverse_scale), levels)
     return_early = rmse_type < 0
@@ -147,6 +147,51 @@ def make_qx_quants(
         scale = torch.where(better, cand_sumlx / cand_suml2, scale)
         best = torch.where(better, scale * cand_sumlx, best)
     return finish(scale, levels)
+
+
+def _qx_search(x: torch.Tensor, nmax: int, weights: torch.Tensor, all_zero: torch.Tensor, safe_max: torch.Tensor,
+               inverse_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants' search over the first and 18 more inverse scales, element-major (``[n, n_groups]``) so
+    each step of ggml's left-to-right sums is one contiguous row; every candidate reuses the same buffers.
+
+    Rounding is torch.round (half to even): every scaled value is below nmax + 1 in magnitude (max is the
+    value of largest magnitude and at least GROUP_MAX_EPS), where ggml's nearest_int is exactly that. Only
+    the kept inverse scale is tracked: ggml recomputes the kept levels from it too."""
+    xt = x.t().contiguous()
+    wt = weights.t().contiguous()
+    wxt = wt * xt
+    levels = torch.empty_like(xt)
+    terms = torch.empty((xt.shape[0], 2) + xt.shape[1:], dtype=xt.dtype, device=xt.device)
+
+    def levels_for(iscale: torch.Tensor) -> torch.Tensor:
+        torch.mul(xt, iscale, out=levels)
+        return levels.round_().clamp_(-nmax, nmax - 1)
+
+    def fit(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # sumlx += w*x*l and suml2 += w*l*l, as ggml multiplies: (w*x)*l and (w*l)*l
+        levels_for(iscale)
+        torch.mul(wxt, levels, out=terms[:, 0])
+        torch.mul(wt, levels, out=terms[:, 1]).mul_(levels)
+        sums = sequential_sum_rows(terms)
+        return sums[0], sums[1]
+
+    sumlx, suml2 = fit(inverse_scale)
+    zero_scale = torch.zeros_like(safe_max)
+    scale = torch.where(suml2 != 0, sumlx / suml2, zero_scale)
+    best = scale * sumlx
+    best_iscale = inverse_scale
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        # -(nmax + 0.1f*is) / max, with the numerator rounded to float as in ggml
+        iscale = divide_scalar_by(-_f32(float(nmax) + _f32(_f32(0.1) * step)), safe_max)
+        cand_sumlx, cand_suml2 = fit(iscale)
+        better = (cand_suml2 > 0) & (cand_sumlx * cand_sumlx > best * cand_suml2)
+        scale = torch.where(better, cand_sumlx / cand_suml2, scale)
+        best = torch.where(better, scale * cand_sumlx, best)
+        best_iscale = torch.where(better, iscale, best_iscale)
+    final = levels_for(best_iscale).add_(nmax).masked_fill_(all_zero, 0)
+    return torch.where(all_zero, zero_scale, scale), final.t().to(torch.int32)
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
