@@ -26,7 +26,7 @@ N_TRY = 7  # quantize_iq4_nl / quantize_iq4_xs pass ntry = 7, with or without qu
 # comparison ``x - lo < hi - x`` is exact wherever it can tie, so the index is the number of midpoints
 # (lo + hi) / 2 at or below x. The midpoints are half-integers: the index depends only on floor(2x),
 # clamped to [_TWICE_LOW, _TWICE_HIGH], which a table turns into the level.
-_TWICE_LOW = 2 * IQ4_LEVELS[0] + 22  # -232: every floor(2x) at or below this is level 0 (-127)
+_TWICE_LOW = IQ4_LEVELS[0] + IQ4_LEVELS[1] - 1  # -232: below the first doubled midpoint, level 0 (-127)
 _TWICE_HIGH = IQ4_LEVELS[-2] + IQ4_LEVELS[-1]  # 202: from here on level 15 (113)
 
 # sub-blocks searched per pass: keeps the [32, 16 candidates, n] temporaries within the CPU caches
@@ -76,7 +76,7 @@ def _nearest_int(values: torch.Tensor) -> torch.Tensor:
     return (shifted & 0x007FFFFF) - 0x00400000
 
 
-# every candidate's x·(2·id) lies within ±2·134·(1 + 2⁻²³): a level table over floor(2x) on this range needs no clamp
+# every candidate's |x·id| <= 134·(1 + 2⁻²²) as |x| <= max: a table over floor(2x) in ±270 needs no clamp
 _SEARCH_LOW = -270
 
 
