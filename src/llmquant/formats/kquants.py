@@ -48,6 +48,7 @@ class Q6_K(BlockFormat):
     name = "Q6_K"
     block_size = 256
     bytes_per_block = 210
+    chunk_weights = 1 << 18  # the search's temporaries stay near the cache
 
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         n_blocks = blocks.shape[0]
@@ -103,6 +104,7 @@ class Q3_K(BlockFormat):
     name = "Q3_K"
     block_size = 256
     bytes_per_block = 110
+    chunk_weights = 1 << 19  # make_q3_quants runs value by value: wider calls share their overhead
 
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         n_blocks = blocks.shape[0]

@@ -101,6 +101,8 @@ def make_qx_quants(
     returns after the first fit with the mean of the two scales; 0 skips the fit.
     Returns ``(scale [n_groups], levels [n_groups, n] int32 in [0, 2·nmax))``; all-zero groups give 0, 0.
     """
+    if rmse_type > 0:
+        return _qx_search(x, nmax, weights if weights is not None else _rmse_weights(x, rmse_type))
     signed_max = signed_absmax(x)
     all_zero = signed_max.abs() < GROUP_MAX_EPS
     safe_max = torch.where(all_zero, torch.ones_like(signed_max), signed_max)
@@ -116,9 +118,6 @@ def make_qx_quants(
         levels = torch.where(all_zero[:, None], torch.zeros_like(levels), levels + nmax)
         return torch.where(all_zero, zero_scale, scale), levels
 
-    if rmse_type > 0:
-        return _qx_search(x, nmax, weights if weights is not None else _rmse_weights(x, rmse_type),
-                          all_zero, safe_max, inverse_scale)
     if rmse_type == 0:
         return finish(divide_scalar_by(1.0, inverse_scale), levels)
     return_early = rmse_type < 0
@@ -149,49 +148,73 @@ def make_qx_quants(
     return finish(scale, levels)
 
 
-def _qx_search(x: torch.Tensor, nmax: int, weights: torch.Tensor, all_zero: torch.Tensor, safe_max: torch.Tensor,
-               inverse_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qx_quants' search over the first and 18 more inverse scales, element-major (``[n, n_groups]``) so
-    each step of ggml's left-to-right sums is one contiguous row; every candidate reuses the same buffers.
+# candidates scored per pass of _qx_search: enough to share each torch call's overhead, few enough that the
+# [group_size, candidates, n_groups] temporaries stay near the cache
+_QX_BATCH_WEIGHTS = 1 << 17
 
-    Rounding is torch.round (half to even): every scaled value is below nmax + 1 in magnitude (max is the
-    value of largest magnitude and at least GROUP_MAX_EPS), where ggml's nearest_int is exactly that. Only
-    the kept inverse scale is tracked: ggml recomputes the kept levels from it too."""
+
+def _signed_absmax_columns(x: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    """signed_absmax from the element-major copy ``xt`` (reductions over contiguous rows); ``x`` for ties."""
+    high = xt.amax(dim=0)
+    low = xt.amin(dim=0)
+    picked = torch.where(high >= -low, high, low)
+    tied = (high == -low) & (high > 0)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        picked[rows] = _signed_absmax_first(x[rows])
+    return torch.where(picked != 0, picked, torch.zeros_like(picked))
+
+
+def _qx_search(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants for rmse_type > 0: the first inverse scale ``-nmax/max`` and 18 more, scored together.
+
+    Element-major (``[n, candidates, n_groups]``) so each step of ggml's left-to-right sums is one contiguous
+    row, and several candidates share every torch call; only the keep-if-better scan runs candidate by
+    candidate. Rounding is torch.round (half to even): every scaled value is below nmax + 1 in magnitude (max
+    is the value of largest magnitude and at least GROUP_MAX_EPS), where ggml's nearest_int is exactly that.
+    Only the kept inverse scale is tracked: ggml recomputes the kept levels from it too."""
+    n, n_groups = x.shape[1], x.shape[0]
     xt = x.t().contiguous()
     wt = weights.t().contiguous()
     wxt = wt * xt
-    levels = torch.empty_like(xt)
-    terms = torch.empty((xt.shape[0], 2) + xt.shape[1:], dtype=xt.dtype, device=xt.device)
-
-    def levels_for(iscale: torch.Tensor) -> torch.Tensor:
-        torch.mul(xt, iscale, out=levels)
-        return levels.round_().clamp_(-nmax, nmax - 1)
-
-    def fit(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    signed_max = _signed_absmax_columns(x, xt)
+    all_zero = signed_max.abs() < GROUP_MAX_EPS
+    safe_max = torch.where(all_zero, torch.ones_like(signed_max), signed_max)
+    # -nmax/max, then -(nmax + 0.1f*is)/max for is = -9..9 but 0, numerators rounded to float as in ggml
+    numerators = [float(-nmax)] + [-_f32(float(nmax) + _f32(_f32(0.1) * step)) for step in range(-9, 10) if step]
+    iscales = torch.tensor(numerators, dtype=x.dtype, device=x.device)[:, None] / safe_max
+    batch = max(1, min(len(numerators), _QX_BATCH_WEIGHTS // max(n * n_groups, 1)))
+    levels_buffer = torch.empty((n, batch, n_groups), dtype=x.dtype, device=x.device)
+    terms_buffer = torch.empty((n, 2, batch, n_groups), dtype=x.dtype, device=x.device)
+    scale = best = best_iscale = None
+    for first in range(0, len(numerators), batch):
+        count = min(batch, len(numerators) - first)
+        levels = levels_buffer[:, :count]
+        terms = terms_buffer[:, :, :count]
+        torch.mul(xt[:, None, :], iscales[first:first + count], out=levels)
+        levels.round_().clamp_(-nmax, nmax - 1)
         # sumlx += w*x*l and suml2 += w*l*l, as ggml multiplies: (w*x)*l and (w*l)*l
-        levels_for(iscale)
-        torch.mul(wxt, levels, out=terms[:, 0])
-        torch.mul(wt, levels, out=terms[:, 1]).mul_(levels)
+        torch.mul(wxt[:, None, :], levels, out=terms[:, 0])
+        torch.mul(wt[:, None, :], levels, out=terms[:, 1]).mul_(levels)
         sums = sequential_sum_rows(terms)
-        return sums[0], sums[1]
-
-    sumlx, suml2 = fit(inverse_scale)
-    zero_scale = torch.zeros_like(safe_max)
-    scale = torch.where(suml2 != 0, sumlx / suml2, zero_scale)
-    best = scale * sumlx
-    best_iscale = inverse_scale
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        # -(nmax + 0.1f*is) / max, with the numerator rounded to float as in ggml
-        iscale = divide_scalar_by(-_f32(float(nmax) + _f32(_f32(0.1) * step)), safe_max)
-        cand_sumlx, cand_suml2 = fit(iscale)
-        better = (cand_suml2 > 0) & (cand_sumlx * cand_sumlx > best * cand_suml2)
-        scale = torch.where(better, cand_sumlx / cand_suml2, scale)
-        best = torch.where(better, scale * cand_sumlx, best)
-        best_iscale = torch.where(better, iscale, best_iscale)
-    final = levels_for(best_iscale).add_(nmax).masked_fill_(all_zero, 0)
-    return torch.where(all_zero, zero_scale, scale), final.t().to(torch.int32)
+        for k in range(count):
+            sumlx, suml2 = sums[0, k], sums[1, k]
+            if scale is None:  # the first guess
+                scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(suml2))
+                best = scale * sumlx
+                best_iscale = iscales[0]
+                continue
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            scale = torch.where(better, sumlx / suml2, scale)
+            best = torch.where(better, scale * sumlx, best)
+            best_iscale = torch.where(better, iscales[first + k], best_iscale)
+    final = levels_buffer[:, 0]
+    torch.mul(xt, best_iscale, out=final)
+    final.round_().clamp_(-nmax, nmax - 1).add_(nmax)
+    if bool(all_zero.any()):
+        final[:, all_zero] = 0
+        scale = torch.where(all_zero, torch.zeros_like(scale), scale)
+    return scale, final.t().to(torch.int32)
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,46 +224,53 @@ def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool = True) -> tuple[to
     while that improves the least-squares fit, updating the running sums after each value as ggml does.
     Returns ``(scale [n_groups], levels [n_groups, n] int32 in [0, 2·nmax))``; all-zero groups give 0, 0.
     """
-    signed_max = signed_absmax(x)
+    # element-major ([n, n_groups]): each value's step is a few calls on contiguous rows
+    xt = x.t().contiguous()
+    signed_max = _signed_absmax_columns(x, xt)
     all_zero = signed_max.abs() < GROUP_MAX_EPS
     safe_max = torch.where(all_zero, torch.ones_like(signed_max), signed_max)
     inverse_scale = divide_scalar_by(float(-nmax), safe_max)
-    levels = nearest_int(inverse_scale[:, None] * x).clamp_(-nmax, nmax - 1)
+    # |iscale*x| <= nmax: torch.round (half to even) is ggml's nearest_int there
+    levels = torch.mul(xt, inverse_scale).round_().clamp_(-nmax, nmax - 1)  # float
     zero_scale = torch.zeros_like(signed_max)
     if not do_rmse:
         scale = divide_scalar_by(1.0, inverse_scale)
     else:
-        w = x * x
-        wx = w * x
-        as_float = levels.to(torch.float32)
-        sumlx = sequential_sum(wx * as_float)
-        suml2 = sequential_sum(w * as_float * as_float)
-        # value by value, in ggml's order: each accepted move changes the sums the next value sees.
-        # A pass with no move leaves the state unchanged, so ggml's early break needs no mask here.
-        columns = levels.t().contiguous()
-        x_columns, w_columns, wx_columns = x.t(), w.t(), wx.t()
+        w = xt * xt
+        wx = w * xt
+        sumlx = sequential_sum_rows(wx * levels)
+        suml2 = sequential_sum_rows(w * levels * levels)
+        # value by value, in ggml's order: each accepted move changes the sums the next value sees. A pass
+        # with no move leaves the state unchanged, so stopping when no group moved is ggml's early break.
+        without_lx, without_l2, proposed = (torch.empty_like(sumlx) for _ in range(3))
+        new_lx, new_l2, product = (torch.empty_like(sumlx) for _ in range(3))
         for _ in range(5):
-            for i in range(x.shape[1]):
-                xi, wi, wxi = x_columns[i], w_columns[i], wx_columns[i]
-                current = columns[i].to(torch.float32)
-                without_lx = sumlx - wxi * current
-                without_l2 = suml2 - wi * current * current
-                proposed = nearest_int(xi * without_l2 / without_lx).clamp_(-nmax, nmax - 1)
-                proposed_f = proposed.to(torch.float32)
-                new_lx = without_lx + wxi * proposed_f
-                new_l2 = without_l2 + wi * proposed_f * proposed_f
-                accept = (
-                    (without_lx > 0)
-                    & (proposed != columns[i])
-                    & (new_l2 > 0)
-                    & (new_lx * new_lx * suml2 > sumlx * sumlx * new_l2)
-                )
-                columns[i] = torch.where(accept, proposed, columns[i])
-                sumlx = torch.where(accept, new_lx, sumlx)
-                suml2 = torch.where(accept, new_l2, suml2)
-        levels = columns.t()
+            moved = torch.zeros_like(sumlx, dtype=torch.bool)
+            for i in range(xt.shape[0]):
+                xi, wi, wxi, current = xt[i], w[i], wx[i], levels[i]
+                torch.sub(sumlx, torch.mul(wxi, current, out=product), out=without_lx)
+                torch.mul(wi, current, out=product).mul_(current)
+                torch.sub(suml2, product, out=without_l2)
+                # nearest_int(x*sl2/slx): the bit trick, as the quotient may be huge or not finite
+                torch.mul(xi, without_l2, out=proposed).div_(without_lx).add_(12582912.0)
+                bits = proposed.view(torch.int32)
+                bits.bitwise_and_(0x007FFFFF).sub_(0x00400000)
+                torch.clamp(bits, -nmax, nmax - 1, out=bits)
+                proposed.copy_(bits)
+                torch.add(without_lx, torch.mul(wxi, proposed, out=product), out=new_lx)
+                torch.mul(wi, proposed, out=product).mul_(proposed)
+                torch.add(without_l2, product, out=new_l2)
+                accept = (without_lx > 0) & (proposed != current) & (new_l2 > 0)
+                accept &= (new_lx * new_lx) * suml2 > (sumlx * sumlx) * new_l2
+                torch.where(accept, proposed, current, out=current)
+                torch.where(accept, new_lx, sumlx, out=sumlx)
+                torch.where(accept, new_l2, suml2, out=suml2)
+                moved |= accept
+            if not bool(moved.any()):
+                break
         scale = torch.where(suml2 > 0, sumlx / suml2, zero_scale)
-    levels = torch.where(all_zero[:, None], torch.zeros_like(levels), levels + nmax)
+    levels = levels.add_(nmax).to(torch.int32).t()
+    levels = torch.where(all_zero[:, None], torch.zeros_like(levels), levels)
     return torch.where(all_zero, zero_scale, scale), levels
 
 
