@@ -75,3 +75,37 @@ def smollm2_gguf_as(src: Path, cache: Path, type_name: str) -> Path:
 
 
 __all__ = ["requantize_gguf", "smollm2_gguf_as"]
+
+
+def small_vocab_tokenizer_gguf(src: Path, dst: Path, n_tokens: int = 512) -> Path:
+    """A GGUF holding only ``src``'s tokenizer, cut to its first ``n_tokens`` tokens (and the merges among them).
+
+    Tiny test models built on it keep llama.cpp's real BPE vocabulary format while their embedding and output
+    matrices stay small. Cached.
+    """
+    if dst.is_file():
+        return dst
+    reader = GGUFReader(src, "r")
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()[:n_tokens]
+    kept = set(tokens)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    writer = GGUFWriter(tmp, str(reader.fields["general.architecture"].contents()))
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            value = value[:n_tokens]
+        elif key == "tokenizer.ggml.merges":
+            value = [m for m in value if m.replace(" ", "") in kept and all(p in kept for p in m.split(" "))]
+        elif key.endswith("_token_id") and int(value) >= n_tokens:
+            continue
+        main = field.types[0]
+        writer.add_key_value(key, value, main, sub_type=field.types[-1] if main == GGUFValueType.ARRAY else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.rename(dst)
+    return dst

@@ -9,6 +9,7 @@ the file has the same tensor types, layout and size as ``llama-quantize``'s.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -161,17 +162,34 @@ def _importance_for(name: str, shape: tuple[int, ...], imatrix: Mapping[str, np.
     return vec.reshape(n_expert, n_per_row)
 
 
-def _encode(values: np.ndarray, type_name: str, importance: np.ndarray | None, device: torch.device) -> np.ndarray:
-    """float32 weights (numpy order, row length last) → the bytes of ``type_name``."""
+def _encode(values: np.ndarray, type_name: str, importance: np.ndarray | None, device: torch.device,
+            threads: int = 1) -> np.ndarray:
+    """float32 weights (numpy order, row length last) → the bytes of ``type_name``.
+
+    On the CPU the rows are split among ``threads`` workers, each running torch single-threaded: the block
+    math is many small element-wise ops, which torch's own intra-op threads slow down rather than speed up.
+    """
     n_per_row = values.shape[-1]
-    if values.ndim <= 2 or importance is None:
-        rows = torch.from_numpy(values.reshape(-1, n_per_row)).to(device)
-        return quantize(rows, type_name, imatrix=None if importance is None else importance[0])
-    experts = values.reshape(values.shape[0], -1, n_per_row)
-    parts = [
-        quantize(torch.from_numpy(experts[e]).to(device), type_name, imatrix=importance[e])
-        for e in range(experts.shape[0])  # one importance vector per expert, as llama.cpp slices it
-    ]
+    matrices = values.reshape(-1, values.shape[-2] if values.ndim > 1 else 1, n_per_row)
+    if importance is None or values.ndim <= 2:
+        matrices = values.reshape(1, -1, n_per_row)
+    parts = []
+    for e, matrix in enumerate(matrices):  # one importance vector per expert, as llama.cpp slices it
+        vector = None if importance is None else importance[e if importance.shape[0] > 1 else 0]
+        parts.append(_encode_rows(matrix, type_name, vector, device, threads))
+    return np.concatenate(parts, axis=0)
+
+
+def _encode_rows(rows: np.ndarray, type_name: str, importance: np.ndarray | None, device: torch.device,
+                 threads: int) -> np.ndarray:
+    if device.type != "cpu" or threads <= 1 or rows.shape[0] < 2 * threads:
+        return quantize(torch.from_numpy(rows).to(device), type_name, imatrix=importance)
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounds = np.linspace(0, rows.shape[0], threads + 1).astype(int)
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # torch releases the GIL inside its ops
+        parts = list(pool.map(lambda i: quantize(torch.from_numpy(rows[bounds[i]:bounds[i + 1]]), type_name,
+                                                 imatrix=importance), range(threads)))
     return np.concatenate(parts, axis=0)
 
 
@@ -184,6 +202,7 @@ def quantize_gguf(
     options: MixOptions | None = None,
     device: str = "cpu",
     progress: bool = False,
+    threads: int | None = None,
 ) -> QuantizeResult:
     """Write ``source`` as file type ``ft`` to ``output`` (under a temporary name until complete)."""
     start = time.perf_counter()
@@ -200,11 +219,12 @@ def quantize_gguf(
     if missing:
         raise InputError(f"{ft.name}: tensor type {missing[0]} is not implemented in llmquant.formats yet")
     dev = torch.device(device)
+    n_threads = threads or os.cpu_count() or 1
     arch = str(source.metadata["general.architecture"])
     unweighted: list[str] = []
     n_weights = 0
     tensor_bytes = 0
-    with StreamingGGUFWriter(output, arch) as writer:
+    with StreamingGGUFWriter(output, arch) as writer, _torch_threads(1 if dev.type == "cpu" else None):
         for name, type_name in plan.types.items():
             t = source.tensor(name)
             numpy_shape = tuple(int(d) for d in reversed(t.shape))
@@ -227,7 +247,7 @@ def quantize_gguf(
                     importance = _importance_for(name, shape, imatrix)
                     if imatrix is not None and importance is None and FORMATS[type_name].block_size > 1:
                         unweighted.append(name)
-                    data = _encode(values, type_name, importance, dev)
+                    data = _encode(values, type_name, importance, dev, n_threads)
                 writer.write(name, data)
                 n_weights += n
                 tensor_bytes += data.nbytes
@@ -248,6 +268,18 @@ def quantize_gguf(
         fallbacks=len(plan.fallbacks),
         unweighted=unweighted,
     )
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Run with torch's intra-op threads set to ``n`` (unchanged for None), restoring them afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
@@ -298,10 +330,8 @@ def quantize_model(
     file_types = parse_file_types(types)
     if imatrix_file and calib:
         raise InputError("give either --imatrix or --calib, not both")
-    if threads is not None:
-        if threads < 1:
-            raise InputError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
     output = Path(output)
     if len(file_types) > 1 and output.suffix.lower() == ".gguf":
         raise InputError(f"{output}: several types need an output folder, not a .gguf file")
@@ -360,7 +390,7 @@ def quantize_model(
             else:
                 target = output
             results.append(quantize_gguf(source, target, ft, imatrix=imatrix, imatrix_name=imatrix_name,
-                                         options=options, device=device, progress=progress))
+                                         options=options, device=device, progress=progress, threads=threads))
         return results
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,209 @@
+"""`llmquant quantize` against llama.cpp's own quantizer (llama_model_quantize) as the oracle.
+
+For each file type: the same tensor types, the same file size, and (with the same importance matrix) at least
+99% of every tensor's blocks byte-identical. All types run on a tiny model with k-quant-friendly widths;
+a representative set runs on the real SmolLM2 model (hidden 576: the fallbacks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+from llmquant.errors import InputError
+from llmquant.gguf_io.imatrix import imatrix_data_from_sums, write_imatrix_gguf
+from llmquant.oracles.llama_quantize import llama_quantize
+from llmquant.pipeline.quantize import QUANTIZE_FILE_TYPES, quantize_model
+from llmquant.recipes import MixOptions
+from tests.gguf_fixtures import small_vocab_tokenizer_gguf
+from tests.recipes.conftest import TINY_LLAMA, write_tiny_llama_gguf
+
+SMOLLM2_TYPES = ["Q4_K_M", "Q2_K", "IQ4_XS"]  # every type runs on the tiny model; these on the real one
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(test_cache: Path, smollm2_f32_gguf: Path) -> Path:
+    """16 layers, hidden 256 (true k-quants everywhere), GQA 4, untied output, SmolLM2's first 512 tokens."""
+    tokenizer = small_vocab_tokenizer_gguf(smollm2_f32_gguf, test_cache / "smollm2-tokenizer-512.gguf")
+    config = dataclasses.replace(TINY_LLAMA, name="tiny-llama-v512")
+    return write_tiny_llama_gguf(config, tokenizer, test_cache / f"{config.name}.gguf")
+
+
+def random_imatrix(model: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """A plausible importance matrix for every matrix of ``model``: log-normal, a few dominant columns."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in GGUFReader(model, "r").tensors:
+        shape = [int(d) for d in t.shape]
+        if len(shape) >= 2 and t.name != "token_embd.weight":
+            n = shape[0] * (shape[2] if len(shape) > 2 else 1)
+            out[t.name] = (rng.lognormal(0.0, 1.0, size=n) ** 2).astype(np.float32)
+    return out
+
+
+def write_imatrix_file(imatrix: dict[str, np.ndarray], path: Path) -> Path:
+    """Our imatrix GGUF holding exactly these mean squares (sums with a count of one token)."""
+    sums = {name: v.reshape(1, -1) for name, v in imatrix.items()}
+    counts = {name: np.ones((1,), dtype=np.float32) for name in imatrix}
+    write_imatrix_gguf(path, imatrix_data_from_sums(sums, counts, ["test"], 1))
+    return path
+
+
+def tensors_of(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    return {t.name: (t.tensor_type.name, np.array(t.data).view(np.uint8).reshape(-1))
+            for t in GGUFReader(path, "r").tensors}
+
+
+def assert_same_as_llama_cpp(ours: Path, theirs: Path) -> None:
+    a, b = tensors_of(ours), tensors_of(theirs)
+    assert list(a) == list(b), "tensor order differs"
+    for name, (their_type, their_bytes) in b.items():
+        our_type, our_bytes = a[name]
+        assert our_type == their_type, f"{name}: {our_type} vs llama.cpp's {their_type}"
+        block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[our_type]][1]
+        same = (our_bytes.reshape(-1, block_bytes) == their_bytes.reshape(-1, block_bytes)).all(axis=1).mean()
+        assert same >= 0.99, f"{name} ({our_type}): only {same:.2%} of blocks identical"
+    assert ours.stat().st_size == theirs.stat().st_size
+
+
+def quantize_both(src: Path, tmp_path: Path, file_type: str, imatrix: dict[str, np.ndarray] | None,
+                  options: MixOptions | None = None) -> tuple[Path, Path]:
+    imatrix_file = write_imatrix_file(imatrix, tmp_path / "imatrix.gguf") if imatrix is not None else None
+    ours = quantize_model(src, tmp_path / f"ours-{file_type}.gguf", file_type, imatrix_file=imatrix_file,
+                          options=options)[0].path
+    options = options or MixOptions()
+    theirs = llama_quantize(src, tmp_path / f"llama-{file_type}.gguf", file_type, imatrix=imatrix,
+                            pure=options.pure, output_tensor_type=options.output_tensor_type,
+                            token_embedding_type=options.token_embedding_type, tensor_types=options.tensor_types,
+                            leave_output_tensor=options.leave_output_tensor).output
+    return ours, theirs
+
+
+@pytest.mark.parametrize("file_type", QUANTIZE_FILE_TYPES)
+def test_every_type_matches_llama_cpp_on_a_tiny_model_with_an_imatrix(file_type, tiny_gguf, tmp_path):
+    ours, theirs = quantize_both(tiny_gguf, tmp_path, file_type, random_imatrix(tiny_gguf))
+    assert_same_as_llama_cpp(ours, theirs)
+
+
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q5_0", "IQ4_NL", "Q3_K_L"])
+def test_types_match_llama_cpp_without_an_imatrix(file_type, tiny_gguf, tmp_path):
+    ours, theirs = quantize_both(tiny_gguf, tmp_path, file_type, None)
+    assert_same_as_llama_cpp(ours, theirs)
+
+
+@pytest.mark.parametrize("file_type", SMOLLM2_TYPES)
+def test_smollm2_matches_llama_cpp(file_type, smollm2_f32_gguf, tmp_path):
+    ours, theirs = quantize_both(smollm2_f32_gguf, tmp_path, file_type, random_imatrix(smollm2_f32_gguf))
+    assert_same_as_llama_cpp(ours, theirs)
+
+
+@pytest.mark.parametrize("options", [
+    MixOptions(pure=True),
+    MixOptions(output_tensor_type="Q8_0", token_embedding_type="Q4_0"),
+    MixOptions(tensor_types=(("ffn_down", "Q8_0"), ("attn_.*", "Q5_1"))),
+    MixOptions(leave_output_tensor=True),
+], ids=["pure", "output-and-embedding-types", "tensor-type-overrides", "leave-output"])
+def test_options_match_llama_cpp(options, tiny_gguf, tmp_path):
+    ours, theirs = quantize_both(tiny_gguf, tmp_path, "Q4_K_M", random_imatrix(tiny_gguf), options)
+    assert_same_as_llama_cpp(ours, theirs)
+
+
+def test_same_input_gives_the_same_bytes(tiny_gguf, tmp_path):
+    first = quantize_model(tiny_gguf, tmp_path / "a.gguf", "Q4_K_M")[0].path
+    second = quantize_model(tiny_gguf, tmp_path / "b.gguf", "Q4_K_M")[0].path
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_several_types_at_once_write_a_folder(tiny_gguf, tmp_path):
+    results = quantize_model(tiny_gguf, tmp_path / "quants", "Q8_0,Q4_K_M")
+    names = sorted(p.name for p in (tmp_path / "quants").iterdir())
+    assert names == sorted(r.path.name for r in results)
+    assert [r.file_type for r in results] == ["Q8_0", "Q4_K_M"]
+    assert results[0].n_bytes > results[1].n_bytes
+
+
+def test_a_type_that_needs_an_imatrix_is_refused_without_one(tiny_gguf, tmp_path, monkeypatch):
+    from llmquant.pipeline import quantize as pipeline
+
+    monkeypatch.setattr(pipeline, "plan_mix", _needing_imatrix(pipeline.plan_mix))
+    with pytest.raises(InputError, match="needs an importance matrix"):
+        quantize_model(tiny_gguf, tmp_path / "x.gguf", "Q4_K_M")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _needing_imatrix(plan_mix):
+    def wrapped(*args, **kwargs):
+        plan = plan_mix(*args, **kwargs)
+        plan.needs_imatrix = list(plan.types)[:1]
+        return plan
+
+    return wrapped
+
+
+def test_unknown_type_lists_the_supported_ones(tiny_gguf, tmp_path):
+    with pytest.raises(InputError, match="Q4_K_M"):
+        quantize_model(tiny_gguf, tmp_path / "x.gguf", "Q4_K_XL")
+
+
+def test_a_quantized_source_is_refused(smollm2_gguf, tmp_path):
+    with pytest.raises(InputError, match="already quantized"):
+        quantize_model(smollm2_gguf, tmp_path / "x.gguf", "Q4_K_M")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_midway_leaves_nothing_behind(tiny_gguf, tmp_path, monkeypatch):
+    from llmquant.pipeline import quantize as pipeline
+
+    calls = {"n": 0}
+    real = pipeline._encode
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_encode", failing)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(tiny_gguf, tmp_path / "out.gguf", "Q4_K_M")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_our_file_runs_in_llama_cpp_and_loads_in_transformers(smollm2_f32_gguf, tmp_path):
+    from llama_cpp import Llama
+
+    path = quantize_model(smollm2_f32_gguf, tmp_path / "smollm2-Q4_K_M.gguf", "Q4_K_M")[0].path
+    llm = Llama(str(path), n_ctx=128, verbose=False, n_threads=2)
+    text = llm("The capital of France is", max_tokens=4, temperature=0.0)["choices"][0]["text"]
+    assert "Paris" in text
+
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
+                                                 quantization_config=GgufConfig(dequantize=True),
+                                                 dtype=torch.float32)
+    assert model.config.num_hidden_layers == 30
+
+
+def test_cli_quantizes_the_demo_model_with_an_on_the_fly_imatrix(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmquant", "quantize", "smollm2-135m", "-o", str(tmp_path / "q"), "--type",
+         "Q8_0,IQ4_NL", "--calib", "builtin", "--calib-chunks", "1", "--calib-ctx", "128"],
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "q"
+    assert sorted(p.name for p in out.iterdir()) == ["smollm2-135m-IQ4_NL.gguf", "smollm2-135m-Q8_0.gguf"]
+    assert "importance matrix: computed from builtin" in proc.stdout
+    assert "bits per weight" in proc.stdout
+    inspect = subprocess.run([sys.executable, "-m", "llmquant", "inspect", str(out / "smollm2-135m-IQ4_NL.gguf"),
+                              "--json"], capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(inspect.stdout)["key_metadata"]["file_type"] == "IQ4_NL"
