@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+from gguf import GGMLQuantizationType, LlamaFileType
 
+from llmquant.gguf_io.header import read_gguf_header
 from llmquant.oracles.ggml import OracleUnavailable
 
 _FALLBACK_COUNT = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback quantization")
@@ -47,8 +48,7 @@ class QuantizeResult:
         return int(match.group(1)) if match else 0
 
     def tensor_types(self) -> dict[str, str]:
-        reader = GGUFReader(self.output, "r")
-        return {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
+        return {tensor.name: tensor.type_name for tensor in read_gguf_header(self.output).tensors}
 
 
 def _llama_cpp():

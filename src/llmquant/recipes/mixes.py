@@ -139,9 +139,7 @@ def n_dims(shape: Sequence[int]) -> int:
     return 1
 
 
-def should_quantize(
-    name: str, shape: Sequence[int], *, arch: str = "llama", leave_output_tensor: bool = False
-) -> bool:
+def should_quantize(name: str, shape: Sequence[int], *, arch: str = "llama", leave_output_tensor: bool = False) -> bool:
     """Whether llama.cpp quantizes this tensor at all (tensor_allows_quantization); if not, it keeps its type."""
     if n_dims(shape) < 2:  # only 2-D matrices and 3-D expert stacks
         return False
@@ -306,9 +304,7 @@ _FFN_DOWN_RULES: dict[str, _Rule] = {
     "Q2_K_S": lambda s: "Q4_K" if s.first_eighth else None,
     "IQ3_XXS": lambda s: None if s.has_imatrix else ("Q4_K" if s.first_eighth else "Q3_K"),
     # "arch != FALCON || use_more_bits": every non-Falcon layer past the first sixteenth gets Q4_K
-    "Q3_K_M": lambda s: "Q5_K"
-    if s.i_layer < s.n_layer // 16
-    else ("Q4_K" if not s.falcon or s.more_bits else "Q3_K"),
+    "Q3_K_M": lambda s: "Q5_K" if s.i_layer < s.n_layer // 16 else ("Q4_K" if not s.falcon or s.more_bits else "Q3_K"),
     "IQ3_M": lambda s: "Q4_K" if s.first_eighth or (s.model.n_expert == 8 and s.more_bits) else None,
     "Q3_K_L": lambda s: "Q4_K" if s.falcon else "Q5_K",
     "Q4_K_M": lambda s: (

@@ -1,0 +1,38 @@
+"""The fast header reader agrees with gguf-py's GGUFReader, field by field and tensor by tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from gguf import GGUFReader
+
+from llmquant.errors import InputError
+from llmquant.gguf_io.header import read_gguf_header
+
+
+def test_header_matches_gguf_reader(smollm2_f32_gguf: Path) -> None:
+    header = read_gguf_header(smollm2_f32_gguf)
+    reader = GGUFReader(smollm2_f32_gguf, "r")
+    expected_tensors = [(t.name, tuple(int(d) for d in t.shape), t.tensor_type.name) for t in reader.tensors]
+    assert [(t.name, t.shape, t.type_name) for t in header.tensors] == expected_tensors
+    expected_metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert header.metadata.keys() == expected_metadata.keys()
+    for key, value in expected_metadata.items():
+        assert (
+            header.metadata[key] == pytest.approx(value) if isinstance(value, float) else header.metadata[key] == value
+        )
+
+
+def test_header_of_a_non_gguf_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "not.gguf"
+    path.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(InputError, match="not a GGUF file"):
+        read_gguf_header(path)
+
+
+def test_header_of_an_empty_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "empty.gguf"
+    path.write_bytes(b"")
+    with pytest.raises(InputError, match="cannot read GGUF header"):
+        read_gguf_header(path)
