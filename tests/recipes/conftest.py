@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import GGUFWriter, LlamaFileType
 
 from llmquant.gguf_io.header import read_gguf_header
 from llmquant.oracles.llama_quantize import LlamaQuantizeError, llama_quantize
@@ -80,8 +80,8 @@ def write_tiny_llama_gguf(config: TinyConfig, tokenizer_from: Path, dst: Path) -
     """A random F32 llama GGUF with llama.cpp's tensor names and metadata, and a real tokenizer. Cached."""
     if dst.is_file():
         return dst
-    source = GGUFReader(tokenizer_from, "r")
-    n_vocab = len(source.fields["tokenizer.ggml.tokens"].contents())
+    source = read_gguf_header(tokenizer_from)
+    n_vocab = len(source.metadata["tokenizer.ggml.tokens"])
     rng = np.random.default_rng(sum(map(ord, config.name)))
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp_dir:
@@ -102,11 +102,10 @@ def write_tiny_llama_gguf(config: TinyConfig, tokenizer_from: Path, dst: Path) -
         if config.n_expert:
             writer.add_expert_count(config.n_expert)
             writer.add_expert_used_count(config.n_expert_used)
-        for key, field in source.fields.items():
+        for key, value in source.metadata.items():
             if key.startswith("tokenizer."):
-                main = field.types[0]
-                sub = field.types[-1] if main == GGUFValueType.ARRAY else None
-                writer.add_key_value(key, field.contents(), main, sub_type=sub)
+                value_type, item_type = source.value_types[key]
+                writer.add_key_value(key, value, value_type, sub_type=item_type)
         for name, shape in _tensor_shapes(config, n_vocab).items():
             if len(shape) == 1:
                 values = np.ones(shape, dtype=np.float32)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from llmquant.errors import InputError
 
@@ -39,6 +39,8 @@ class GGUFHeader:
     version: int
     metadata: dict[str, Any]  # arrays of numbers as lists, arrays of strings as lists of str
     tensors: list[HeaderTensor]
+    # each key's value type, and for arrays the item type: what GGUFWriter.add_key_value needs to copy it
+    value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]]
 
 
 class _Cursor:
@@ -98,9 +100,15 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
             version = cursor.take("I")
             n_tensors, n_kv = cursor.take("Q"), cursor.take("Q")
             metadata = {}
+            value_types = {}
             for _ in range(n_kv):
                 key = cursor.string()
-                metadata[key] = cursor.value(cursor.take("I"))
+                value_type = cursor.take("I")
+                item_type = None
+                if value_type == _ARRAY:  # peek at the item type; value() reads it again
+                    item_type = GGUFValueType(struct.unpack_from("<I", buffer, cursor.pos)[0])
+                metadata[key] = cursor.value(value_type)
+                value_types[key] = (GGUFValueType(value_type), item_type)
             tensors = []
             for _ in range(n_tensors):
                 name = cursor.string()
@@ -110,7 +118,7 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
                 tensors.append(HeaderTensor(name, shape, _type_name(type_id)))
     except (OSError, ValueError) as error:  # missing, unreadable or empty (mmap refuses empty files)
         raise InputError(f"{path}: cannot read GGUF header: {error}") from error
-    return GGUFHeader(path=path, version=version, metadata=metadata, tensors=tensors)
+    return GGUFHeader(path=path, version=version, metadata=metadata, tensors=tensors, value_types=value_types)
 
 
 __all__ = ["GGUFHeader", "HeaderTensor", "read_gguf_header"]
