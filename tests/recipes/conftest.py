@@ -40,9 +40,13 @@ class TinyConfig:
     n_expert: int = 0
     n_expert_used: int = 0
     tied: bool = False
+    arch: str = "llama"  # or "falcon": fused attn_qkv, no ffn_gate, LayerNorm with biases
 
 
 TINY_LLAMA = TinyConfig("tiny-llama-gqa4", n_layer=16, n_embd=256, n_ff=512, n_head=4, n_head_kv=1)
+# 80 layers with GQA: llama.cpp calls it a 70B and gives attn_v more bits
+TINY_70B = TinyConfig("tiny-llama-80-layers", n_layer=80, n_embd=256, n_ff=256, n_head=8, n_head_kv=1)
+TINY_FALCON = TinyConfig("tiny-falcon", n_layer=8, n_embd=256, n_ff=512, n_head=4, n_head_kv=1, arch="falcon")
 TINY_MOE = TinyConfig(
     "tiny-moe-8x", n_layer=8, n_embd=256, n_ff=256, n_head=4, n_head_kv=2, n_expert=8, n_expert_used=2
 )
@@ -56,6 +60,17 @@ def _tensor_shapes(config: TinyConfig, n_vocab: int) -> dict[str, tuple[int, ...
     shapes["output_norm.weight"] = (config.n_embd,)
     if not config.tied:
         shapes["output.weight"] = (n_vocab, config.n_embd)
+    if config.arch == "falcon":
+        shapes["output_norm.bias"] = (config.n_embd,)
+        for i in range(config.n_layer):
+            blk = f"blk.{i}"
+            shapes[f"{blk}.attn_norm.weight"] = (config.n_embd,)
+            shapes[f"{blk}.attn_norm.bias"] = (config.n_embd,)
+            shapes[f"{blk}.attn_qkv.weight"] = (config.n_embd + 2 * n_embd_kv, config.n_embd)
+            shapes[f"{blk}.attn_output.weight"] = (config.n_embd, config.n_embd)
+            shapes[f"{blk}.ffn_up.weight"] = (config.n_ff, config.n_embd)
+            shapes[f"{blk}.ffn_down.weight"] = (config.n_embd, config.n_ff)
+        return shapes
     for i in range(config.n_layer):
         blk = f"blk.{i}"
         shapes[f"{blk}.attn_norm.weight"] = (config.n_embd,)
@@ -86,7 +101,7 @@ def write_tiny_llama_gguf(config: TinyConfig, tokenizer_from: Path, dst: Path) -
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp_dir:
         tmp = Path(tmp_dir) / dst.name
-        writer = GGUFWriter(tmp, "llama")
+        writer = GGUFWriter(tmp, config.arch)
         writer.add_name(config.name)
         writer.add_file_type(int(LlamaFileType.ALL_F32))
         writer.add_block_count(config.n_layer)
@@ -96,7 +111,10 @@ def write_tiny_llama_gguf(config: TinyConfig, tokenizer_from: Path, dst: Path) -
         writer.add_head_count(config.n_head)
         writer.add_head_count_kv(config.n_head_kv)
         writer.add_rope_freq_base(10000.0)
-        writer.add_layer_norm_rms_eps(1e-5)
+        if config.arch == "falcon":
+            writer.add_layer_norm_eps(1e-5)
+        else:
+            writer.add_layer_norm_rms_eps(1e-5)
         writer.add_rope_dimension_count(config.n_embd // config.n_head)
         writer.add_vocab_size(n_vocab)
         if config.n_expert:
@@ -126,6 +144,19 @@ def tiny_llama_f32_gguf(test_cache: Path, smollm2_f32_gguf: Path) -> Path:
     return write_tiny_llama_gguf(
         TINY_LLAMA, smollm2_f32_gguf, test_cache / f"{TINY_LLAMA.name}-v{_FIXTURE_VERSION}.gguf"
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_70b_f32_gguf(test_cache: Path, smollm2_f32_gguf: Path) -> Path:
+    """Random 80-layer llama with GQA 8 (narrow: hidden 256): llama.cpp's LLM_TYPE_70B."""
+    return write_tiny_llama_gguf(TINY_70B, smollm2_f32_gguf, test_cache / f"{TINY_70B.name}-v{_FIXTURE_VERSION}.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_falcon_f32_gguf(test_cache: Path, smollm2_f32_gguf: Path) -> Path:
+    """Random 8-layer Falcon: fused attn_qkv, multi-query attention, untied output.weight."""
+    path = test_cache / f"{TINY_FALCON.name}-v{_FIXTURE_VERSION}.gguf"
+    return write_tiny_llama_gguf(TINY_FALCON, smollm2_f32_gguf, path)
 
 
 @pytest.fixture(scope="session")

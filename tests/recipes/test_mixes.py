@@ -90,6 +90,25 @@ def test_tiny_llama_types_match_llama_cpp(mix: str, tiny_llama_f32_gguf: Path, l
     assert _differences(plan, found.types) == {}
 
 
+# The mixes with 70B or Falcon rules (attn_v, attn_output, ffn_down), and Falcon's fused attn_qkv.
+SEVENTY_B_MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M"]
+FALCON_MIXES = ["Q2_K", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "IQ4_XS"]
+
+
+@pytest.mark.parametrize("mix", SEVENTY_B_MIXES)
+def test_tiny_70b_types_match_llama_cpp(mix: str, tiny_70b_f32_gguf: Path, llama_cpp_mix) -> None:
+    """80 layers with GQA: llama.cpp's 70B rule gives attn_v Q5_K where the mix says Q3_K or Q4_K."""
+    plan, found = _plan_and_oracle(tiny_70b_f32_gguf, mix, MixOptions(), llama_cpp_mix)
+    assert _differences(plan, found.types) == {}
+
+
+@pytest.mark.parametrize("mix", FALCON_MIXES)
+def test_tiny_falcon_types_match_llama_cpp(mix: str, tiny_falcon_f32_gguf: Path, llama_cpp_mix) -> None:
+    """Falcon: output.weight always Q8_0, its own ffn_down/attn_output rules, attn_qkv treated as attn_v."""
+    plan, found = _plan_and_oracle(tiny_falcon_f32_gguf, mix, MixOptions(), llama_cpp_mix)
+    assert _differences(plan, found.types) == {}
+
+
 @pytest.mark.parametrize("mix", MOE_MIXES)
 def test_tiny_moe_types_match_llama_cpp(mix: str, tiny_moe_f32_gguf: Path, llama_cpp_mix) -> None:
     """An 8-expert llama: 3-D expert stacks, routers, the n_expert == 8 rules."""
