@@ -54,8 +54,11 @@ def signed_absmax(x: torch.Tensor) -> torch.Tensor:
     """The value of largest magnitude in each group, keeping its sign; the first one wins on ties and an
     all-zero group gives +0 (as ggml's ``if (ax > amax) { amax = ax; max = x[i]; }``)."""
     # two fast reductions decide every group but those whose max and -min tie; only those look for the first
-    high = x.amax(dim=1)
-    low = x.amin(dim=1)
+    return _signed_absmax_from_extremes(x, x.amax(dim=1), x.amin(dim=1))
+
+
+def _signed_absmax_from_extremes(x: torch.Tensor, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    # the larger magnitude of each group's max and min; groups where they tie look for the first in ``x``
     picked = torch.where(high >= -low, high, low)
     tied = (high == -low) & (high > 0)
     if bool(tied.any()):
@@ -155,14 +158,7 @@ _QX_BATCH_WEIGHTS = 1 << 17
 
 def _signed_absmax_columns(x: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
     """signed_absmax from the element-major copy ``xt`` (reductions over contiguous rows); ``x`` for ties."""
-    high = xt.amax(dim=0)
-    low = xt.amin(dim=0)
-    picked = torch.where(high >= -low, high, low)
-    tied = (high == -low) & (high > 0)
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        picked[rows] = _signed_absmax_first(x[rows])
-    return torch.where(picked != 0, picked, torch.zeros_like(picked))
+    return _signed_absmax_from_extremes(x, xt.amax(dim=0), xt.amin(dim=0))
 
 
 def _qx_search(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
