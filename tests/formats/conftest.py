@@ -6,7 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Format tests run torch on one thread: the searches are thousands of small ops that extra threads only slow
+    down (the bytes do not depend on it)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -15,14 +15,6 @@ from tests.formats.compare import compare_with_ggml, heavy_tailed, random_imatri
 AFFINE_LEGACY = ["Q4_1", "Q5_1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the imatrix search runs thousands of small ops: on a shared machine extra threads only contend
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.mark.parametrize("type_name", AFFINE_LEGACY)
 def test_bytes_match_ggml_on_heavy_tailed_weights(type_name: str):

@@ -16,14 +16,6 @@ from tests.formats.compare import compare_with_ggml, heavy_tailed, random_imatri
 SCALE_MIN_KQUANTS = ["Q2_K", "Q4_K", "Q5_K"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the searches run thousands of small ops: on a shared machine extra threads only contend
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.mark.parametrize("type_name", SCALE_MIN_KQUANTS)
 def test_bytes_match_ggml_on_heavy_tailed_weights(type_name: str):
