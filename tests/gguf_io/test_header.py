@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gguf import GGUFReader
 
@@ -35,4 +36,25 @@ def test_header_of_an_empty_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "empty.gguf"
     path.write_bytes(b"")
     with pytest.raises(InputError, match="cannot read GGUF header"):
+        read_gguf_header(path)
+
+
+def test_tensor_data_is_gguf_readers_bytes(smollm2_f32_gguf: Path) -> None:
+    header = read_gguf_header(smollm2_f32_gguf)
+    reader = GGUFReader(smollm2_f32_gguf, "r")
+    assert len(header.tensors) == len(reader.tensors)
+    for ours, theirs in zip(header.tensors, reader.tensors):
+        assert ours.offset == theirs.data_offset
+        assert ours.n_bytes == theirs.n_bytes
+        assert ours.n_elements == int(theirs.n_elements)
+        assert np.array_equal(header.tensor_data(ours), np.asarray(theirs.data).view(np.uint8).reshape(-1))
+
+
+def test_header_of_a_truncated_file_names_the_tensor(smollm2_f32_gguf: Path, tmp_path: Path) -> None:
+    header = read_gguf_header(smollm2_f32_gguf)
+    last = max(header.tensors, key=lambda t: t.offset)
+    path = tmp_path / "truncated.gguf"
+    with open(smollm2_f32_gguf, "rb") as src:
+        path.write_bytes(src.read(last.offset + last.n_bytes - 1))
+    with pytest.raises(InputError, match=f"truncated: tensor {last.name}"):
         read_gguf_header(path)

@@ -4,7 +4,8 @@
     header.metadata["llama.block_count"], header.tensors[0].name, header.tensors[0].type_name
 
 gguf-py's GGUFReader takes seconds on a file with a 50k-token vocabulary; this reads only the header
-(through mmap, so the tensor data is never touched) and takes a fraction of that.
+(through mmap, so the tensor data is never touched) and takes a fraction of that. Each tensor's absolute
+offset and byte size let a caller map its data directly (``tensor_data``), checked against the file's length.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from llmquant.errors import InputError
 
@@ -31,6 +32,12 @@ class HeaderTensor:
     name: str
     shape: tuple[int, ...]  # ggml order: shape[0] is the row length
     type_name: str  # "F32", "Q4_K", … (or "TYPE_<id>" for a type gguf-py does not know)
+    offset: int = 0  # absolute byte offset of the tensor's data in the file
+    n_bytes: int = 0  # bytes of data (0 for a type gguf-py does not know)
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,11 @@ class GGUFHeader:
     tensors: list[HeaderTensor]
     # each key's value type, and for arrays the item type: what GGUFWriter.add_key_value needs to copy it
     value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]]
+    file_size: int = 0
+
+    def tensor_data(self, tensor: HeaderTensor) -> np.ndarray:
+        """The tensor's bytes as a read-only uint8 memory map (nothing is read until used)."""
+        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=tensor.offset, shape=(tensor.n_bytes,))
 
 
 class _Cursor:
@@ -88,6 +100,15 @@ def _type_name(type_id: int) -> str:
         return f"TYPE_{type_id}"
 
 
+def _n_bytes(type_id: int, shape: tuple[int, ...]) -> int:
+    try:
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+    except (ValueError, KeyError):
+        return 0
+    n_elements = int(np.prod(shape)) if shape else 1
+    return n_elements // block_size * type_size
+
+
 def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
     """Metadata and tensor table of the GGUF at ``path``; a clear InputError for anything that is not GGUF."""
     path = Path(path)
@@ -109,16 +130,26 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
                     item_type = GGUFValueType(struct.unpack_from("<I", buffer, cursor.pos)[0])
                 metadata[key] = cursor.value(value_type)
                 value_types[key] = (GGUFValueType(value_type), item_type)
-            tensors = []
+            table = []
             for _ in range(n_tensors):
                 name = cursor.string()
                 shape = tuple(cursor.take("Q") for _ in range(cursor.take("I")))
                 type_id = cursor.take("I")
-                cursor.take("Q")  # data offset
-                tensors.append(HeaderTensor(name, shape, _type_name(type_id)))
+                table.append((name, shape, type_id, cursor.take("Q")))  # offset relative to the data section
+            alignment = int(metadata.get("general.alignment", 32)) or 32
+            data_start = -(-cursor.pos // alignment) * alignment
+            file_size = len(buffer)
+            tensors = []
+            for name, shape, type_id, relative in table:
+                tensor = HeaderTensor(name, shape, _type_name(type_id), data_start + relative, _n_bytes(type_id, shape))
+                if tensor.offset + tensor.n_bytes > file_size:
+                    raise InputError(f"{path}: truncated: tensor {name} needs bytes up to "
+                                     f"{tensor.offset + tensor.n_bytes}, the file has {file_size}")
+                tensors.append(tensor)
     except (OSError, ValueError) as error:  # missing, unreadable or empty (mmap refuses empty files)
         raise InputError(f"{path}: cannot read GGUF header: {error}") from error
-    return GGUFHeader(path=path, version=version, metadata=metadata, tensors=tensors, value_types=value_types)
+    return GGUFHeader(path=path, version=version, metadata=metadata, tensors=tensors, value_types=value_types,
+                      file_size=file_size)
 
 
 __all__ = ["GGUFHeader", "HeaderTensor", "read_gguf_header"]

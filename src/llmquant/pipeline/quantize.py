@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType
 
 from llmquant.errors import InputError
 from llmquant.formats import FORMATS, dequantize, quantize
-from llmquant.gguf_io.reader import open_gguf
+from llmquant.gguf_io.header import GGUFHeader, HeaderTensor, read_gguf_header
 from llmquant.gguf_io.writer import StreamingGGUFWriter
 from llmquant.models.demo import DEMO_MODEL_NAME, resolve_model
 from llmquant.recipes.arch import arch_info_from_metadata
@@ -94,36 +93,40 @@ def parse_file_types(spec: str | Sequence[str]) -> list[FileType]:
 
 @dataclass
 class GGUFSource:
+    """The source GGUF through its header (read once, fast) and a memory map per tensor, read when quantized."""
+
     path: Path
-    reader: gguf.GGUFReader
-    metadata: dict[str, Any]
+    header: GGUFHeader
 
     @classmethod
     def open(cls, path: Path) -> GGUFSource:
-        reader = open_gguf(path)
-        metadata = {key: f.contents() for key, f in reader.fields.items() if not key.startswith("GGUF.")}
-        for t in reader.tensors:
-            type_name = GGMLQuantizationType(int(t.tensor_type)).name
-            if type_name not in SOURCE_TYPES and _n_dims(t.shape) > 1:
+        header = read_gguf_header(path)
+        for t in header.tensors:
+            if t.type_name not in SOURCE_TYPES and _n_dims(t.shape) > 1:
                 raise InputError(
-                    f"{path}: tensor {t.name} is already quantized ({type_name}); give an F32, F16 or BF16 model "
+                    f"{path}: tensor {t.name} is already quantized ({t.type_name}); give an F32, F16 or BF16 model "
                     "(requantizing a quantized file loses quality twice)"
                 )
-        return cls(path=path, reader=reader, metadata=metadata)
-
-    def specs(self) -> list[TensorSpec]:
-        return [
-            TensorSpec(t.name, tuple(int(d) for d in t.shape), GGMLQuantizationType(int(t.tensor_type)).name)
-            for t in self.reader.tensors
-        ]
-
-    def tensor(self, name: str) -> Any:
-        return self._by_name[name]
+        return cls(path=Path(path), header=header)
 
     @property
-    def _by_name(self) -> dict[str, Any]:
+    def metadata(self) -> dict[str, Any]:
+        return self.header.metadata
+
+    def specs(self) -> list[TensorSpec]:
+        return [TensorSpec(t.name, t.shape, t.type_name) for t in self.header.tensors]
+
+    def tensor(self, name: str) -> HeaderTensor:
+        return self._by_name[name]
+
+    def tensor_bytes(self, name: str) -> np.ndarray:
+        """The tensor's bytes, copied out of the memory map (one tensor at a time)."""
+        return np.array(self.header.tensor_data(self._by_name[name]))
+
+    @property
+    def _by_name(self) -> dict[str, HeaderTensor]:
         if not hasattr(self, "_index"):
-            self._index = {t.name: t for t in self.reader.tensors}
+            self._index = {t.name: t for t in self.header.tensors}
         return self._index
 
 
@@ -136,14 +139,13 @@ def _n_dims(shape: Sequence[int]) -> int:
 
 def _copy_metadata(writer: StreamingGGUFWriter, source: GGUFSource, ft: FileType) -> None:
     """The input's KV pairs as llama-quantize copies them, with the quantization version and file type set."""
-    for key, f in source.reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key in _DROPPED_KEYS:
+    for key, value in source.metadata.items():
+        if key == "general.architecture" or key in _DROPPED_KEYS:
             continue
         if key in ("general.quantization_version", "general.file_type"):
             continue
-        main = f.types[0]
-        sub = f.types[-1] if main == GGUFValueType.ARRAY else None
-        writer.writer.add_key_value(key, f.contents(), main, sub_type=sub)
+        main, sub = source.header.value_types[key]
+        writer.writer.add_key_value(key, value, main, sub_type=sub)
     writer.writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
     writer.writer.add_uint32("general.file_type", ft.ftype)
 
@@ -226,8 +228,7 @@ def quantize_gguf(
     tensor_bytes = 0
     with StreamingGGUFWriter(output, arch) as writer, _torch_threads(1 if dev.type == "cpu" else None):
         for name, type_name in plan.types.items():
-            t = source.tensor(name)
-            numpy_shape = tuple(int(d) for d in reversed(t.shape))
+            numpy_shape = tuple(reversed(source.tensor(name).shape))
             writer.declare(name, numpy_shape, GGMLQuantizationType[type_name])
         _copy_metadata(writer, source, ft)
         writer.begin()
@@ -235,11 +236,9 @@ def quantize_gguf(
         try:
             for name, type_name in plan.types.items():
                 t = source.tensor(name)
-                shape = tuple(int(d) for d in t.shape)
-                src_type = GGMLQuantizationType(int(t.tensor_type)).name
+                shape, src_type, n = t.shape, t.type_name, t.n_elements
                 numpy_shape = tuple(reversed(shape))
-                n = int(t.n_elements)
-                raw = np.array(t.data).view(np.uint8)  # one tensor copied out of the memory map
+                raw = source.tensor_bytes(name)  # one tensor copied out of the memory map
                 if type_name == src_type:
                     data = raw  # kept as it is: copied byte for byte
                 else:
@@ -379,7 +378,7 @@ def quantize_model(
             raise InputError(f"{model_path}: not a GGUF file or a Hugging Face model folder")
 
         source = GGUFSource.open(source_path)
-        src_types = {GGMLQuantizationType(int(t.tensor_type)).name for t in source.reader.tensors}
+        src_types = {t.type_name for t in source.header.tensors}
         if src_types - set(SOURCE_TYPES):
             raise InputError(f"{source_path}: holds {sorted(src_types - set(SOURCE_TYPES))} tensors; "
                              "give an F32, F16 or BF16 model")
