@@ -88,3 +88,27 @@ def test_signed_zeros_and_constant_blocks_match_ggml(type_name: str):
     imatrix = random_imatrix(256, seed=42)
     for importance in (None, imatrix):
         assert np.array_equal(quantize(w, type_name, importance), ggml_quantize(w, type_name, importance))
+
+
+@pytest.mark.parametrize("type_name", AFFINE_LEGACY)
+def test_signed_zero_extremes_and_denormal_scales_take_ggmls_choice(type_name: str):
+    # the fast reference path asks torch for min/max; a tie of +0 and -0 (either order, as min or as max) and
+    # a denormal or overflowing scale must still give ggml's bytes
+    rows = np.zeros((8, 32), dtype=np.float32)
+    rows[0, :2] = [-0.0, 0.0]
+    rows[0, 2:] = np.linspace(0.1, 3.0, 30)
+    rows[1, :2] = [0.0, -0.0]
+    rows[1, 2:] = np.linspace(0.1, 3.0, 30)
+    rows[2, :2] = [-0.0, 0.0]
+    rows[2, 2:] = -np.linspace(0.1, 3.0, 30)
+    rows[3, :2] = [0.0, -0.0]
+    rows[3, 2:] = -np.linspace(0.1, 3.0, 30)
+    rows[4, :] = -0.0
+    rows[4, 5] = 0.0
+    rows[5, :] = np.linspace(0, 1e-44, 32)  # denormal scale
+    rows[6, :] = np.linspace(-3e38, 3e38, 32)  # max - min overflows
+    rows[7, :] = 1.5  # constant: zero scale
+    weights = np.tile(rows, (1, 2))
+    for row in range(len(weights)):  # one call per row: one odd row would send a whole chunk the slow way
+        one = weights[row:row + 1]
+        assert np.array_equal(quantize(one, type_name), ggml_quantize(one, type_name)), row

@@ -280,6 +280,35 @@ def _aff_reference(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch
     return scale, low, levels & 0xFF
 
 
+def _aff_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
+    """As search._mm_first_extreme, fast: torch's amax/amin is the answer unless it is a zero, where +0 and -0
+    may tie and ggml keeps the first; only those rows take the slow search."""
+    extreme = x.amax(dim=1) if largest else x.amin(dim=1)
+    zero = extreme == 0
+    if bool(zero.any()):
+        rows = zero.nonzero().squeeze(1)
+        extreme[rows] = search._mm_first_extreme(x[rows], largest)
+    return extreme
+
+
+def _aff_reference_fast(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """_aff_reference as uint8 levels when every scale is zero or a finite normal float (None otherwise): then
+    ``(x - min)/d + 0.5`` lies in [0.5, nmax + 0.51] and a plain truncating conversion is C's."""
+    low = _aff_extreme(blocks, largest=False)
+    high = _aff_extreme(blocks, largest=True)
+    scale = search._mm_over_scalar(high - low, float(nmax))
+    magnitude = scale.abs()
+    if not bool(((magnitude == 0) | ((magnitude >= _SYM_FLT_MIN) & (magnitude < float("inf")))).all()):
+        return None
+    nonzero = scale != 0
+    inverse = torch.where(nonzero, search._mm_scalar_over(1.0, torch.where(nonzero, scale, torch.ones_like(scale))),
+                          torch.zeros_like(scale))
+    shifted = torch.sub(blocks, low[:, None]).mul_(inverse[:, None]).add_(0.5)
+    if nmax == 15:
+        shifted.clamp_(max=15)  # MIN(15, (int8_t)...)
+    return scale, low, shifted.to(torch.uint8)
+
+
 def _aff_weighted(blocks: torch.Tensor, importance: torch.Tensor, sigma2: torch.Tensor,
                   nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """quantize_row_q4_1_impl / q5_1_impl: make_qkx3_quants weighted by importance·sqrt(sigma2 + x²)."""
@@ -298,9 +327,18 @@ class _AffineLegacy(BlockFormat):
     def _pack(self, scale: torch.Tensor, low: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _pack_fast(self, scale: torch.Tensor, low: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """As _pack, for uint8 levels in range, written straight into the output."""
+        raise NotImplementedError
+
+    chunk_weights = 1 << 18  # the reference path's temporaries stay in cache
+
     def _quantize(self, blocks: torch.Tensor, importance: torch.Tensor | None,
                   sigma2: torch.Tensor | None) -> torch.Tensor:
         if importance is None:
+            fast = _aff_reference_fast(blocks, self.nmax)
+            if fast is not None:
+                return self._pack_fast(*fast)
             return self._pack(*_aff_reference(blocks, self.nmax))
         if sigma2 is None:
             sigma2 = _aff_row_mean_square(blocks)
@@ -338,6 +376,13 @@ class Q4_1(_AffineLegacy):
         qs = (levels[:, :16] | (levels[:, 16:] << 4)) & 0xFF
         return torch.cat([_aff_fp16_bytes(scale), _aff_fp16_bytes(low), qs.to(torch.uint8)], dim=1)
 
+    def _pack_fast(self, scale: torch.Tensor, low: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((levels.shape[0], 20), dtype=torch.uint8, device=levels.device)
+        out[:, :2] = _aff_fp16_bytes(scale)
+        out[:, 2:4] = _aff_fp16_bytes(low)
+        _sym_pack_nibbles_u8(levels, out[:, 4:])
+        return out
+
     def _levels(self, data: torch.Tensor) -> torch.Tensor:
         qs = data[:, 4:].to(torch.int64)
         return torch.cat([qs & 0xF, qs >> 4], dim=1)
@@ -356,6 +401,14 @@ class Q5_1(_AffineLegacy):
         qh = (fifth << torch.arange(8, device=levels.device)).sum(dim=2)
         parts = [_aff_fp16_bytes(scale), _aff_fp16_bytes(low), qh.to(torch.uint8), qs.to(torch.uint8)]
         return torch.cat(parts, dim=1)
+
+    def _pack_fast(self, scale: torch.Tensor, low: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((levels.shape[0], 24), dtype=torch.uint8, device=levels.device)
+        out[:, :2] = _aff_fp16_bytes(scale)
+        out[:, 2:4] = _aff_fp16_bytes(low)
+        out[:, 4:8] = _sym_fifth_bits(levels)
+        _sym_pack_nibbles_u8(levels & 0xF, out[:, 8:])
+        return out
 
     def _levels(self, data: torch.Tensor) -> torch.Tensor:
         qh = data[:, 4:8].to(torch.int64)
