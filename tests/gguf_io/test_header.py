@@ -43,7 +43,7 @@ def test_tensor_data_is_gguf_readers_bytes(smollm2_f32_gguf: Path) -> None:
     header = read_gguf_header(smollm2_f32_gguf)
     reader = GGUFReader(smollm2_f32_gguf, "r")
     assert len(header.tensors) == len(reader.tensors)
-    for ours, theirs in zip(header.tensors, reader.tensors):
+    for ours, theirs in zip(header.tensors, reader.tensors, strict=True):
         assert ours.offset == theirs.data_offset
         assert ours.n_bytes == theirs.n_bytes
         assert ours.n_elements == int(theirs.n_elements)
@@ -57,4 +57,12 @@ def test_header_of_a_truncated_file_names_the_tensor(smollm2_f32_gguf: Path, tmp
     with open(smollm2_f32_gguf, "rb") as src:
         path.write_bytes(src.read(last.offset + last.n_bytes - 1))
     with pytest.raises(InputError, match=f"truncated: tensor {last.name}"):
+        read_gguf_header(path)
+
+
+def test_header_cut_inside_the_vocabulary_is_a_clear_error(smollm2_f32_gguf: Path, tmp_path: Path) -> None:
+    path = tmp_path / "cut.gguf"
+    with open(smollm2_f32_gguf, "rb") as src:
+        path.write_bytes(src.read(300_000))  # inside tokenizer.ggml.tokens / merges
+    with pytest.raises(InputError, match="truncated"):
         read_gguf_header(path)

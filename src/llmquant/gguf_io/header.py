@@ -51,8 +51,9 @@ class GGUFHeader:
     file_size: int = 0
 
     def tensor_data(self, tensor: HeaderTensor) -> np.ndarray:
-        """The tensor's bytes as a read-only uint8 memory map (nothing is read until used)."""
-        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=tensor.offset, shape=(tensor.n_bytes,))
+        """The tensor's bytes as a copy-on-write uint8 memory map: nothing is read until used, and writes stay
+        in memory (the file is never changed)."""
+        return np.memmap(self.path, dtype=np.uint8, mode="c", offset=tensor.offset, shape=(tensor.n_bytes,))
 
 
 class _Cursor:
@@ -77,6 +78,24 @@ class _Cursor:
         self.pos += length
         return raw.decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """``count`` strings in a row (a vocabulary): one tight loop, bounds checked once at the end."""
+        buffer, pos, size = self.buffer, self.pos, len(self.buffer)
+        read_length = struct.Struct("<Q").unpack_from
+        items = []
+        try:
+            for _ in range(count):
+                (length,) = read_length(buffer, pos)
+                pos += 8
+                items.append(buffer[pos:pos + length].decode("utf-8", errors="replace"))
+                pos += length
+        except struct.error:
+            pos = size + 1
+        if pos > size:
+            raise InputError(f"{self.path}: GGUF header is truncated at byte {self.pos}")
+        self.pos = pos
+        return items
+
     def value(self, value_type: int) -> Any:
         if value_type == _STRING:
             return self.string()
@@ -87,6 +106,8 @@ class _Cursor:
                 items = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.pos)
                 self.pos += count * dtype.itemsize
                 return items.tolist()
+            if item_type == _STRING:
+                return self.strings(count)
             return [self.value(item_type) for _ in range(count)]
         if value_type not in _SCALAR_FORMATS:
             raise InputError(f"{self.path}: unknown GGUF value type {value_type} at byte {self.pos}")

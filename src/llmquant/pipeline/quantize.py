@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,8 @@ class GGUFSource:
         return self._by_name[name]
 
     def tensor_bytes(self, name: str) -> np.ndarray:
-        """The tensor's bytes, copied out of the memory map (one tensor at a time)."""
-        return np.array(self.header.tensor_data(self._by_name[name]))
+        """The tensor's bytes, memory-mapped (read from the file as they are used)."""
+        return self.header.tensor_data(self._by_name[name])
 
     @property
     def _by_name(self) -> dict[str, HeaderTensor]:
@@ -165,10 +166,10 @@ def _importance_for(name: str, shape: tuple[int, ...], imatrix: Mapping[str, np.
 
 
 def _encode(values: np.ndarray, type_name: str, importance: np.ndarray | None, device: torch.device,
-            threads: int = 1) -> np.ndarray:
+            pool: ThreadPoolExecutor | None = None, threads: int = 1) -> np.ndarray:
     """float32 weights (numpy order, row length last) → the bytes of ``type_name``.
 
-    On the CPU the rows are split among ``threads`` workers, each running torch single-threaded: the block
+    On the CPU the rows are split among the ``pool``'s workers, each running torch single-threaded: the block
     math is many small element-wise ops, which torch's own intra-op threads slow down rather than speed up.
     """
     n_per_row = values.shape[-1]
@@ -178,20 +179,18 @@ def _encode(values: np.ndarray, type_name: str, importance: np.ndarray | None, d
     parts = []
     for e, matrix in enumerate(matrices):  # one importance vector per expert, as llama.cpp slices it
         vector = None if importance is None else importance[e if importance.shape[0] > 1 else 0]
-        parts.append(_encode_rows(matrix, type_name, vector, device, threads))
+        parts.append(_encode_rows(matrix, type_name, vector, device, pool, threads))
     return np.concatenate(parts, axis=0)
 
 
 def _encode_rows(rows: np.ndarray, type_name: str, importance: np.ndarray | None, device: torch.device,
-                 threads: int) -> np.ndarray:
-    if device.type != "cpu" or threads <= 1 or rows.shape[0] < 2 * threads:
+                 pool: ThreadPoolExecutor | None, threads: int) -> np.ndarray:
+    if pool is None or device.type != "cpu" or threads <= 1 or rows.shape[0] < 2 * threads:
         return quantize(torch.from_numpy(rows).to(device), type_name, imatrix=importance)
-    from concurrent.futures import ThreadPoolExecutor
-
     bounds = np.linspace(0, rows.shape[0], threads + 1).astype(int)
-    with ThreadPoolExecutor(max_workers=threads) as pool:  # torch releases the GIL inside its ops
-        parts = list(pool.map(lambda i: quantize(torch.from_numpy(rows[bounds[i]:bounds[i + 1]]), type_name,
-                                                 imatrix=importance), range(threads)))
+    # torch releases the GIL inside its ops
+    parts = list(pool.map(lambda i: quantize(torch.from_numpy(rows[bounds[i]:bounds[i + 1]]), type_name,
+                                             imatrix=importance), range(threads)))
     return np.concatenate(parts, axis=0)
 
 
@@ -226,7 +225,8 @@ def quantize_gguf(
     unweighted: list[str] = []
     n_weights = 0
     tensor_bytes = 0
-    with StreamingGGUFWriter(output, arch) as writer, _torch_threads(1 if dev.type == "cpu" else None):
+    with (StreamingGGUFWriter(output, arch) as writer, _torch_threads(1 if dev.type == "cpu" else None),
+          ThreadPoolExecutor(max_workers=n_threads) as pool):
         for name, type_name in plan.types.items():
             numpy_shape = tuple(reversed(source.tensor(name).shape))
             writer.declare(name, numpy_shape, GGMLQuantizationType[type_name])
@@ -238,7 +238,7 @@ def quantize_gguf(
                 t = source.tensor(name)
                 shape, src_type, n = t.shape, t.type_name, t.n_elements
                 numpy_shape = tuple(reversed(shape))
-                raw = source.tensor_bytes(name)  # one tensor copied out of the memory map
+                raw = source.tensor_bytes(name)
                 if type_name == src_type:
                     data = raw  # kept as it is: copied byte for byte
                 else:
@@ -246,7 +246,7 @@ def quantize_gguf(
                     importance = _importance_for(name, shape, imatrix)
                     if imatrix is not None and importance is None and FORMATS[type_name].block_size > 1:
                         unweighted.append(name)
-                    data = _encode(values, type_name, importance, dev, n_threads)
+                    data = _encode(values, type_name, importance, dev, pool, n_threads)
                 writer.write(name, data)
                 n_weights += n
                 tensor_bytes += data.nbytes
