@@ -69,7 +69,8 @@ def quantize(weights, type_name: str, imatrix=None, chunk_rows: int | None = Non
     blocks_per_row = n_per_row // fmt.block_size
     row_bytes = blocks_per_row * fmt.bytes_per_block
     out = np.empty((rows, row_bytes), dtype=np.uint8)
-    step = chunk_rows or max(1, (fmt.chunk_weights or _CHUNK_WEIGHTS) // max(n_per_row, 1))
+    chunk_weights = (importance is not None and fmt.chunk_weights_imatrix) or fmt.chunk_weights or _CHUNK_WEIGHTS
+    step = chunk_rows or max(1, chunk_weights // max(n_per_row, 1))
     for start in range(0, rows, step):
         chunk = w[start:start + step].contiguous()
         data = fmt.quantize_rows(chunk, importance)

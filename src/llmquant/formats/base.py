@@ -21,6 +21,7 @@ class BlockFormat:
     bytes_per_block: ClassVar[int]
     needs_imatrix: ClassVar[bool] = False  # True where an importance vector is needed for good quality
     chunk_weights: ClassVar[int | None] = None  # weights per quantize_rows call; None: formats/__init__'s default
+    chunk_weights_imatrix: ClassVar[int | None] = None  # the same with an importance vector; None: chunk_weights
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from llmquant.formats import search
+from llmquant.formats import compiled, search
 from llmquant.formats.base import BlockFormat
 
 # ==== symmetric: Q8_0, Q4_0, Q5_0 ====
@@ -111,6 +111,13 @@ def _sym_scale_and_levels(
     return search.make_qx_quants(blocks, nmax, rmse_type=1, weights=weights)
 
 
+def _sym_weights(rows: torch.Tensor, importance: torch.Tensor, row_sigma2: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q4_0_impl's weights as blocks ``[n_blocks, 32]``: ``importance·sqrt(sigma2 + x²)``."""
+    by_row = rows.reshape(rows.shape[0], -1, 32)
+    root = search.sqrt_f32(row_sigma2[:, None, None] + by_row * by_row)
+    return (importance.reshape(1, -1, 32) * root).reshape(-1, 32)
+
+
 def _sym_pack_nibbles(levels: torch.Tensor) -> torch.Tensor:
     # ggml's qs: byte j holds value j in its low nibble and value j+16 in its high nibble
     # (Q4_0 ORs the byte-wide values; they are nibbles whenever the levels are in range)
@@ -131,6 +138,7 @@ class _SymmetricLegacy(BlockFormat):
         raise NotImplementedError
 
     chunk_weights = 1 << 18  # stays in cache
+    chunk_weights_imatrix = 1 << 20  # fewer calls share the row sums' per-column steps
 
     def _pack_fast(self, scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -149,11 +157,15 @@ class _SymmetricLegacy(BlockFormat):
         blocks = rows.reshape(-1, self.block_size)
         if importance is None:
             return self.quantize_blocks(blocks, None).reshape(n_rows, -1)
-        blocks_per_row = n_per_row // self.block_size
-        sigma2 = _sym_row_mean_square(rows).repeat_interleave(blocks_per_row)
-        block_importance = importance.reshape(1, -1).expand(n_rows, -1).reshape(-1, self.block_size)
-        scale, levels = _sym_scale_and_levels(blocks, block_importance, sigma2, self.nmax)
-        return self._pack(scale, levels).reshape(n_rows, -1)
+        # make_qx_quants weighted by importance·sqrt(sigma2 + x²), sigma2 the row's mean square
+        row_sigma2 = _sym_row_mean_square(rows)
+        weights = None
+        if compiled.enabled(blocks):  # one fused pass instead of six
+            weights = compiled.run(_sym_weights, (), rows, importance, row_sigma2)
+        if weights is None:
+            weights = _sym_weights(rows, importance, row_sigma2)
+        scale, levels = search.make_qx_quants(blocks, self.nmax, rmse_type=1, weights=weights)
+        return self._pack_fast(scale, levels.to(torch.uint8).contiguous()).reshape(n_rows, -1)
 
 
 class Q8_0(BlockFormat):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from llmquant.formats import compiled
+
 # ==== symmetric searches (make_qx_quants, make_q3_quants, nearest_int) ====
 
 # ggml's threshold below which a group counts as all zero (GROUP_MAX_EPS in ggml-quants.c)
@@ -161,6 +163,11 @@ def _signed_absmax_columns(x: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
     return _signed_absmax_from_extremes(x, xt.amax(dim=0), xt.amin(dim=0))
 
 
+def _qx_numerators(nmax: int) -> list[float]:
+    # -nmax, then -(nmax + 0.1f*is) for is = -9..9 but 0, rounded to float as in ggml
+    return [float(-nmax)] + [-_f32(float(nmax) + _f32(_f32(0.1) * step)) for step in range(-9, 10) if step]
+
+
 def _qx_search(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants for rmse_type > 0: the first inverse scale ``-nmax/max`` and 18 more, scored together.
 
@@ -168,7 +175,14 @@ def _qx_search(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch
     row, and several candidates share every torch call; only the keep-if-better scan runs candidate by
     candidate. Rounding is torch.round (half to even): every scaled value is below nmax + 1 in magnitude (max
     is the value of largest magnitude and at least GROUP_MAX_EPS), where ggml's nearest_int is exactly that.
-    Only the kept inverse scale is tracked: ggml recomputes the kept levels from it too."""
+    Only the kept inverse scale is tracked: ggml recomputes the kept levels from it too. On the CPU the fused
+    kernel (``_qx_kernel``) does the same work in one pass."""
+    numerators = _qx_numerators(nmax)
+    if compiled.enabled(x):
+        fused = compiled.run(_qx_kernel, (nmax,), x.contiguous(), weights.contiguous(),
+                             torch.tensor(numerators, dtype=x.dtype, device=x.device))
+        if fused is not None:
+            return fused
     n, n_groups = x.shape[1], x.shape[0]
     xt = x.t().contiguous()
     wt = weights.t().contiguous()
@@ -176,8 +190,6 @@ def _qx_search(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch
     signed_max = _signed_absmax_columns(x, xt)
     all_zero = signed_max.abs() < GROUP_MAX_EPS
     safe_max = torch.where(all_zero, torch.ones_like(signed_max), signed_max)
-    # -nmax/max, then -(nmax + 0.1f*is)/max for is = -9..9 but 0, numerators rounded to float as in ggml
-    numerators = [float(-nmax)] + [-_f32(float(nmax) + _f32(_f32(0.1) * step)) for step in range(-9, 10) if step]
     iscales = torch.tensor(numerators, dtype=x.dtype, device=x.device)[:, None] / safe_max
     batch = max(1, min(len(numerators), _QX_BATCH_WEIGHTS // max(n * n_groups, 1)))
     levels_buffer = torch.empty((n, batch, n_groups), dtype=x.dtype, device=x.device)
@@ -211,6 +223,48 @@ def _qx_search(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch
         final[:, all_zero] = 0
         scale = torch.where(all_zero, torch.zeros_like(scale), scale)
     return scale, final.t().to(torch.int32)
+
+
+def _qx_kernel(x: torch.Tensor, weights: torch.Tensor, numerators: torch.Tensor,
+               nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole of _qx_search for ``compiled``: the same float32 operations in the same order, written
+    group-major ([n_groups, candidates, n]) with ggml's loops unrolled (the first-wins largest magnitude, the
+    left-to-right sums), so inductor fuses the search into one loop over groups. Returns the scale and the
+    levels in [0, 2·nmax) as int32; all-zero groups give 0, 0."""
+    n = x.shape[1]
+    # ggml: `if (ax > amax) { amax = ax; max = x[i]; }`
+    amax = torch.zeros_like(x[:, 0])
+    signed_max = torch.zeros_like(x[:, 0])
+    for i in range(n):
+        magnitude = x[:, i].abs()
+        larger = magnitude > amax
+        amax = torch.where(larger, magnitude, amax)
+        signed_max = torch.where(larger, x[:, i], signed_max)
+    all_zero = amax < GROUP_MAX_EPS
+    safe_max = torch.where(all_zero, torch.ones_like(signed_max), signed_max)
+    iscales = numerators[None, :] / safe_max[:, None]
+    levels = torch.round(x[:, None, :] * iscales[:, :, None]).clamp(-nmax, nmax - 1)
+    # sumlx += (w*x)*l and suml2 += (w*l)*l, from +0 as ggml's loops
+    terms_lx = (weights * x)[:, None, :] * levels
+    terms_l2 = (weights[:, None, :] * levels) * levels
+    sumlx = torch.zeros_like(terms_lx[..., 0])
+    suml2 = torch.zeros_like(terms_l2[..., 0])
+    for i in range(n):
+        sumlx = sumlx + terms_lx[..., i]
+        suml2 = suml2 + terms_l2[..., i]
+    first_lx, first_l2 = sumlx[:, 0], suml2[:, 0]
+    scale = torch.where(first_l2 != 0, first_lx / first_l2, torch.zeros_like(first_l2))
+    best = scale * first_lx
+    best_iscale = iscales[:, 0]
+    for k in range(1, iscales.shape[1]):
+        cand_lx, cand_l2 = sumlx[:, k], suml2[:, k]
+        better = (cand_l2 > 0) & (cand_lx * cand_lx > best * cand_l2)
+        scale = torch.where(better, cand_lx / cand_l2, scale)
+        best = torch.where(better, scale * cand_lx, best)
+        best_iscale = torch.where(better, iscales[:, k], best_iscale)
+    final = torch.round(x * best_iscale[:, None]).clamp(-nmax, nmax - 1) + nmax
+    final = torch.where(all_zero[:, None], torch.zeros_like(final), final)
+    return torch.where(all_zero, torch.zeros_like(scale), scale), final.to(torch.int32)
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

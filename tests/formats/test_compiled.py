@@ -1,0 +1,60 @@
+"""The fused (torch.compile) kernels and the eager path give the same bytes, both ggml's; a kernel that cannot
+be built falls back to eager with one warning and the same bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmquant.formats import compiled, quantize
+from llmquant.oracles.ggml import ggml_quantize
+from tests.formats.compare import heavy_tailed, random_imatrix
+
+# the formats whose searches run through compiled kernels on the CPU
+FUSED = ["Q4_0", "Q5_0", "Q3_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("type_name", FUSED)
+@pytest.mark.parametrize("with_imatrix", [False, True])
+def test_compiled_and_eager_paths_both_give_ggmls_bytes(type_name: str, with_imatrix: bool):
+    w = heavy_tailed(96, 512, seed=71)
+    w[3, :64] = 0.0  # all-zero blocks and sub-blocks take the kernels' special case
+    imatrix = random_imatrix(512, seed=72) if with_imatrix else None
+    expected = ggml_quantize(w, type_name, imatrix)
+    with compiled.use_compiled(True):
+        assert compiled.enabled(torch.from_numpy(w).reshape(-1, 32))
+        fused = quantize(w, type_name, imatrix)
+    with compiled.use_compiled(False):
+        eager = quantize(w, type_name, imatrix)
+    assert not compiled._state["broken"], "the kernels failed to compile (see the RuntimeWarning)"
+    assert np.array_equal(fused, expected)
+    assert np.array_equal(eager, expected)
+
+
+def test_a_kernel_that_cannot_compile_falls_back_to_eager(monkeypatch):
+    def broken_compile(fn, key):
+        def kernel(*args):
+            raise RuntimeError("no C++ compiler")
+        return kernel
+
+    monkeypatch.setattr(compiled, "_compiled", broken_compile)
+    monkeypatch.setattr(compiled, "_ready", set())
+    monkeypatch.setitem(compiled._state, "broken", False)
+    monkeypatch.setitem(compiled._state, "enabled", True)
+    w = heavy_tailed(64, 256, seed=73)
+    imatrix = random_imatrix(256, seed=74)
+    with pytest.warns(RuntimeWarning, match="compiled kernels are off.*no C\\+\\+ compiler"):
+        data = quantize(w, "Q4_0", imatrix)
+    assert np.array_equal(data, ggml_quantize(w, "Q4_0", imatrix))
+    assert compiled._state["broken"]
+    assert not compiled.enabled(torch.zeros(128, 32))
+
+
+def test_small_inputs_and_other_devices_skip_the_kernels():
+    with compiled.use_compiled(True):
+        assert not compiled.enabled(torch.zeros(compiled.MIN_GROUPS - 1, 32))
+        assert compiled.enabled(torch.zeros(compiled.MIN_GROUPS, 32)) or compiled._state["broken"]
+        assert not compiled.enabled(torch.zeros(128, 32, device="meta"))
+    with compiled.use_compiled(False):
+        assert not compiled.enabled(torch.zeros(128, 32))
