@@ -53,7 +53,7 @@ def _compiled(fn: Callable, key: object) -> Callable:
     del key  # one wrapper per (kernel, constant arguments)
     # each format's constants (nmax, group size) are one more specialization of the same code: room for all
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    return torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
 
 
 def run(fn: Callable, constants: tuple, *tensors: torch.Tensor):

@@ -238,7 +238,7 @@ def quantize_gguf(
                 t = source.tensor(name)
                 shape, src_type, n = t.shape, t.type_name, t.n_elements
                 numpy_shape = tuple(reversed(shape))
-                raw = source.tensor_bytes(name)
+                raw = np.asarray(source.tensor_bytes(name))  # a plain view: slices of a memmap cost more
                 if type_name == src_type:
                     data = raw  # kept as it is: copied byte for byte
                 else:
