@@ -58,3 +58,21 @@ def test_small_inputs_and_other_devices_skip_the_kernels():
         assert not compiled.enabled(torch.zeros(128, 32, device="meta"))
     with compiled.use_compiled(False):
         assert not compiled.enabled(torch.zeros(128, 32))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0"])
+def test_fused_reference_path_hands_odd_scales_to_the_exact_path(type_name: str):
+    # enough blocks for the kernels; denormal scales (one chunk goes the exact slow way), ties of +max and
+    # -max (the first wins), all-zero blocks and the largest float16 values
+    w = heavy_tailed(64, 256, seed=75)
+    w[0, :32] = np.linspace(0, 1e-40, 32, dtype=np.float32)
+    w[1, :32] = 0.0
+    w[1, 3], w[1, 9] = -2.0, 2.0
+    w[2, :32] = 65504.0
+    w[2, 5] = -65504.0
+    with compiled.use_compiled(True):
+        denormal = quantize(w, type_name)
+        ordinary = quantize(w[1:], type_name)
+    assert not compiled._state["broken"]
+    assert np.array_equal(denormal, ggml_quantize(w, type_name))
+    assert np.array_equal(ordinary, ggml_quantize(w[1:], type_name))

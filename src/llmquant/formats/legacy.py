@@ -118,6 +118,30 @@ def _sym_weights(rows: torch.Tensor, importance: torch.Tensor, row_sigma2: torch
     return (importance.reshape(1, -1, 32) * root).reshape(-1, 32)
 
 
+def _sym_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_row_q4_0_ref / q5_0_ref fused by ``compiled``, for blocks whose scales are normal (the caller
+    checks): the first value of largest magnitude, ``d = max/-nmax``, levels truncating ``x/d + nmax + 0.5``
+    (capped at 2·nmax - 1), packed. Returns the scale and the bytes after it (Q5_0: qh, then the nibbles)."""
+    amax = torch.zeros_like(blocks[:, 0])
+    signed_max = torch.zeros_like(blocks[:, 0])
+    for i in range(32):  # ggml: `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`
+        magnitude = blocks[:, i].abs()
+        larger = magnitude > amax
+        amax = torch.where(larger, magnitude, amax)
+        signed_max = torch.where(larger, blocks[:, i], signed_max)
+    scale = signed_max / torch.full_like(signed_max, float(-nmax))
+    nonzero = scale != 0
+    inverse = torch.where(nonzero, torch.ones_like(scale) / torch.where(nonzero, scale, torch.ones_like(scale)),
+                          torch.zeros_like(scale))
+    levels = (blocks * inverse[:, None] + (nmax + 0.5)).clamp(max=2 * nmax - 1).to(torch.int32)
+    nibbles = ((levels[:, :16] & 0xF) | ((levels[:, 16:] & 0xF) << 4)).to(torch.uint8)
+    if nmax == 8:
+        return scale, nibbles
+    fifth = (levels >> 4) & 1
+    qh = [sum(fifth[:, 8 * byte + bit] << bit for bit in range(8)) for byte in range(4)]
+    return scale, torch.cat([torch.stack(qh, dim=1).to(torch.uint8), nibbles], dim=1)
+
+
 def _sym_pack_nibbles(levels: torch.Tensor) -> torch.Tensor:
     # ggml's qs: byte j holds value j in its low nibble and value j+16 in its high nibble
     # (Q4_0 ORs the byte-wide values; they are nibbles whenever the levels are in range)
@@ -144,6 +168,14 @@ class _SymmetricLegacy(BlockFormat):
         raise NotImplementedError
 
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        if importance is None and compiled.enabled(blocks):
+            fused = compiled.run(_sym_reference_kernel, (self.nmax,), blocks.contiguous())
+            if fused is not None and _sym_scales_are_normal(fused[0]):
+                scale, body = fused
+                out = torch.empty((blocks.shape[0], self.bytes_per_block), dtype=torch.uint8, device=blocks.device)
+                out[:, :2] = _sym_fp16_bytes(scale)
+                out[:, 2:] = body
+                return out
         if importance is None:
             scale = search.signed_absmax(blocks)
             scale = scale / torch.full_like(scale, float(-self.nmax))
