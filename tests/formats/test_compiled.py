@@ -12,7 +12,7 @@ from llmquant.oracles.ggml import ggml_quantize
 from tests.formats.compare import heavy_tailed, random_imatrix
 
 # the formats whose searches run through compiled kernels on the CPU
-FUSED = ["Q4_0", "Q5_0", "Q3_K", "Q6_K"]
+FUSED = ["Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q3_K", "Q6_K"]
 
 
 @pytest.mark.parametrize("type_name", FUSED)
@@ -60,7 +60,7 @@ def test_small_inputs_and_other_devices_skip_the_kernels():
         assert not compiled.enabled(torch.zeros(128, 32))
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q4_1", "Q5_1"])
 def test_fused_reference_path_hands_odd_scales_to_the_exact_path(type_name: str):
     # enough blocks for the kernels; denormal scales (one chunk goes the exact slow way), ties of +max and
     # -max (the first wins), all-zero blocks and the largest float16 values
@@ -70,6 +70,10 @@ def test_fused_reference_path_hands_odd_scales_to_the_exact_path(type_name: str)
     w[1, 3], w[1, 9] = -2.0, 2.0
     w[2, :32] = 65504.0
     w[2, 5] = -65504.0
+    w[3, :32] = np.linspace(0.5, 3.0, 32, dtype=np.float32)
+    w[3, 4], w[3, 7] = -0.0, 0.0  # min is a tie of -0 and +0: the first is kept
+    w[4, :32] = -np.linspace(0.5, 3.0, 32, dtype=np.float32)
+    w[4, 4], w[4, 7] = 0.0, -0.0  # the same for max
     with compiled.use_compiled(True):
         denormal = quantize(w, type_name)
         ordinary = quantize(w[1:], type_name)

@@ -335,6 +335,37 @@ def _aff_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
     return extreme
 
 
+def _aff_scales_are_plain(scale: torch.Tensor) -> bool:
+    """Every scale zero or a finite normal float: then the truncating conversions need no C wrapping."""
+    magnitude = scale.abs()
+    return bool(((magnitude == 0) | ((magnitude >= _SYM_FLT_MIN) & (magnitude < float("inf")))).all())
+
+
+def _aff_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_row_q4_1_ref / q5_1_ref fused by ``compiled``, for blocks whose scales are plain (the caller
+    checks): min and max as ggml's loop keeps them (the first of a +0/-0 tie), ``d = (max - min)/nmax``,
+    levels truncating ``(x - min)/d + 0.5``, packed. Returns d, min and the bytes after them."""
+    low = blocks[:, 0]
+    high = blocks[:, 0]
+    for i in range(1, 32):
+        low = torch.where(blocks[:, i] < low, blocks[:, i], low)
+        high = torch.where(blocks[:, i] > high, blocks[:, i], high)
+    scale = (high - low) / torch.full_like(low, float(nmax))
+    nonzero = scale != 0
+    inverse = torch.where(nonzero, torch.ones_like(scale) / torch.where(nonzero, scale, torch.ones_like(scale)),
+                          torch.zeros_like(scale))
+    shifted = (blocks - low[:, None]) * inverse[:, None] + 0.5
+    if nmax == 15:
+        shifted = shifted.clamp(max=15)  # MIN(15, (int8_t)...)
+    levels = shifted.to(torch.int32)
+    nibbles = ((levels[:, :16] & 0xF) | ((levels[:, 16:] & 0xF) << 4)).to(torch.uint8)
+    if nmax == 15:
+        return scale, low, nibbles
+    fifth = (levels >> 4) & 1
+    qh = [sum(fifth[:, 8 * byte + bit] << bit for bit in range(8)) for byte in range(4)]
+    return scale, low, torch.cat([torch.stack(qh, dim=1).to(torch.uint8), nibbles], dim=1)
+
+
 def _aff_reference_fast(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """_aff_reference as uint8 levels when every scale is zero or a finite normal float (None otherwise): then
     ``(x - min)/d + 0.5`` lies in [0.5, nmax + 0.51] and a plain truncating conversion is C's."""
@@ -379,6 +410,15 @@ class _AffineLegacy(BlockFormat):
 
     def _quantize(self, blocks: torch.Tensor, importance: torch.Tensor | None,
                   sigma2: torch.Tensor | None) -> torch.Tensor:
+        if importance is None and compiled.enabled(blocks):
+            fused = compiled.run(_aff_reference_kernel, (self.nmax,), blocks.contiguous())
+            if fused is not None and _aff_scales_are_plain(fused[0]):
+                scale, low, body = fused
+                out = torch.empty((blocks.shape[0], self.bytes_per_block), dtype=torch.uint8, device=blocks.device)
+                out[:, :2] = _aff_fp16_bytes(scale)
+                out[:, 2:4] = _aff_fp16_bytes(low)
+                out[:, 4:] = body
+                return out
         if importance is None:
             fast = _aff_reference_fast(blocks, self.nmax)
             if fast is not None:
