@@ -21,7 +21,9 @@ class BlockFormat:
     bytes_per_block: ClassVar[int]
     needs_imatrix: ClassVar[bool] = False  # True where an importance vector is needed for good quality
     chunk_weights: ClassVar[int | None] = None  # weights per quantize_rows call; None: formats/__init__'s default
-    chunk_weights_imatrix: ClassVar[int | None] = None  # the same with an importance vector; None: chunk_weights
+    # the same with an importance vector (first choice), and while ``compiled`` kernels run (each call costs more)
+    chunk_weights_imatrix: ClassVar[int | None] = None
+    fused_chunk_weights: ClassVar[int | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

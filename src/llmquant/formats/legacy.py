@@ -163,6 +163,7 @@ class _SymmetricLegacy(BlockFormat):
 
     chunk_weights = 1 << 18  # stays in cache
     chunk_weights_imatrix = 1 << 20  # fewer calls share the row sums' per-column steps
+    fused_chunk_weights = 1 << 22  # the kernels stream; fewer calls spread their overhead
 
     def _pack_fast(self, scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -407,6 +408,8 @@ class _AffineLegacy(BlockFormat):
         raise NotImplementedError
 
     chunk_weights = 1 << 18  # the reference path's temporaries stay in cache
+    chunk_weights_imatrix = 1 << 18  # so do the (eager) imatrix search's
+    fused_chunk_weights = 1 << 22  # the reference kernel streams; fewer calls spread its overhead
 
     def _quantize(self, blocks: torch.Tensor, importance: torch.Tensor | None,
                   sigma2: torch.Tensor | None) -> torch.Tensor:
