@@ -156,6 +156,9 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
     MODEL is a Hugging Face folder, 'smollm2-135m', or an F32/F16/BF16 GGUF. Without --imatrix or
     --calib the tensors are quantized without an importance matrix (the summary says so).
 
+    On the CPU the first run on a machine compiles fused kernels for the hottest searches (10-30 s each,
+    cached on disk afterwards); LLMQUANT_COMPILE=0 skips them (slower, same bytes).
+
     \b
     Examples:
       llmquant quantize smollm2-135m -o smollm2-Q4_K_M.gguf --type Q4_K_M
