@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llmquant.formats import compiled  # noqa: E402
 from llmquant.models.demo import demo_gguf_path  # noqa: E402
 from llmquant.oracles.llama_quantize import llama_quantize  # noqa: E402
 from llmquant.pipeline.quantize import quantize_model  # noqa: E402
@@ -33,11 +34,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--imatrix", action="store_true", help="give both the same random importance matrix")
     parser.add_argument("--model", default=None, help="an F32/F16 GGUF (default: SmolLM2-135M as F32)")
+    parser.add_argument("--compile", choices=["on", "off", "auto"], default="on",
+                        help="our fused CPU kernels: on (default here), off (eager), or auto (on for models of "
+                             "1e9+ weights only, as the CLI does)")
     args = parser.parse_args()
+    compiled.set_mode(args.compile)
 
     cache = Path(__file__).resolve().parents[1] / "tests" / ".cache"
     model = Path(args.model) if args.model else smollm2_gguf_as(demo_gguf_path(), cache, "F32")
-    print(f"model {model.name}, threads {args.threads}, imatrix {'yes' if args.imatrix else 'no'}")
+    print(f"model {model.name}, threads {args.threads}, imatrix {'yes' if args.imatrix else 'no'}, "
+          f"fused kernels {args.compile}")
     print("ours 1st: the first run in this process (it traces and compiles the fused kernels, from inductor's disk")
     print("cache after the first ever run); ours: the same job again, as in a process that quantizes more than once")
     print(f"{'type':<8} {'ours 1st s':>10} {'ours s':>8} {'llama.cpp s':>12} {'ratio 1st':>10} {'ratio':>7}  identical")

@@ -156,8 +156,9 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
     MODEL is a Hugging Face folder, 'smollm2-135m', or an F32/F16/BF16 GGUF. Without --imatrix or
     --calib the tensors are quantized without an importance matrix (the summary says so).
 
-    On the CPU the first run on a machine compiles fused kernels for the hottest searches (10-30 s each,
-    cached on disk afterwards); LLMQUANT_COMPILE=0 skips them (slower, same bytes).
+    On the CPU, models of 10^9+ weights use fused kernels for the hottest searches (compiled on the first run
+    on a machine, 10-30 s each, then cached on disk); LLMQUANT_COMPILE=1 uses them for any model,
+    LLMQUANT_COMPILE=0 never (same bytes either way).
 
     \b
     Examples:

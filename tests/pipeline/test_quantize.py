@@ -18,6 +18,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from llmquant.errors import InputError
+from llmquant.formats import compiled
 from llmquant.gguf_io.imatrix import imatrix_data_from_sums, write_imatrix_gguf
 from llmquant.oracles.llama_quantize import llama_quantize
 from llmquant.pipeline.quantize import QUANTIZE_FILE_TYPES, quantize_model
@@ -207,3 +208,31 @@ def test_cli_quantizes_the_demo_model_with_an_on_the_fly_imatrix(tmp_path):
     inspect = subprocess.run([sys.executable, "-m", "llmquant", "inspect", str(out / "smollm2-135m-IQ4_NL.gguf"),
                               "--json"], capture_output=True, text=True, timeout=300, check=True)
     assert json.loads(inspect.stdout)["key_metadata"]["file_type"] == "IQ4_NL"
+
+
+@pytest.mark.parametrize("file_type", ["Q4_0", "Q5_1", "Q6_K", "Q3_K_M"])
+def test_fused_kernels_in_worker_threads_give_llama_cpps_file(file_type, tiny_gguf, tmp_path, monkeypatch):
+    # a small model runs eager in auto mode; forced on, the kernels run in both worker threads
+    monkeypatch.setattr(compiled, "_forced", compiled._forced)  # restored afterwards, as is _state
+    monkeypatch.setitem(compiled._state, "enabled", compiled._state["enabled"])
+    compiled.set_mode("on")
+    assert compiled.worth_it(1)
+    ours, theirs = quantize_both(tiny_gguf, tmp_path, file_type, random_imatrix(tiny_gguf))
+    assert not compiled._state["broken"]
+    assert_same_as_llama_cpp(ours, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_auto_mode_uses_the_kernels_only_for_large_jobs(monkeypatch):
+    monkeypatch.setattr(compiled, "_forced", compiled._forced)
+    monkeypatch.setitem(compiled._state, "enabled", compiled._state["enabled"])
+    monkeypatch.setitem(compiled._state, "broken", False)
+    compiled.set_mode("auto")
+    assert not compiled.worth_it(135_000_000)
+    assert compiled.worth_it(compiled.AUTO_MIN_WEIGHTS)
+    compiled.set_mode("off")  # LLMQUANT_COMPILE=0
+    assert not compiled.worth_it(10 * compiled.AUTO_MIN_WEIGHTS)
+    compiled.set_mode("on")
+    assert compiled.worth_it(1)
+    with pytest.raises(ValueError, match="choose on, off or auto"):
+        compiled.set_mode("sometimes")

@@ -5,9 +5,12 @@ fuses them into one C++ loop per group, several times faster than both eager and
 operations, their order and their float32 rounding are unchanged (inductor compiles without fast-math or FMA
 contraction), so the bytes stay ggml's; the format tests check both paths against ggml.
 
-    LLMQUANT_COMPILE=0   # eager only (no compiler needed); default: compiled on the CPU when it works
+    LLMQUANT_COMPILE=0   # eager only (no compiler needed)
+    LLMQUANT_COMPILE=1   # always compiled on the CPU
+    (unset, or auto)     # formats.quantize: compiled; whole-model jobs ask ``worth_it`` first
 
-The first call of each kernel compiles it (10-30 s, then cached on disk by inductor for later runs). Anything
+The first call of each kernel in a process traces it (a few seconds) and the first ever compiles it (10-30 s,
+then cached on disk by inductor): a job on a small model is faster without them, hence ``worth_it``. Anything
 that goes wrong while compiling turns the kernels off for the rest of the process with one warning: the eager
 path gives the same bytes. On CUDA the eager path runs (triton's float division is not correctly rounded).
 """
@@ -28,8 +31,31 @@ _ENV = "LLMQUANT_COMPILE"
 MIN_GROUPS = 64
 
 _lock = threading.Lock()
-_state = {"enabled": os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "no", "off"), "broken": False}
+# a whole job of fewer weights than this runs eager in auto mode: tracing the kernels (seconds per process)
+# costs more than they save on a model this small (SmolLM2-135M: 24 s eager, 32 s compiled, end to end)
+AUTO_MIN_WEIGHTS = 1_000_000_000
+
+_setting = os.environ.get(_ENV, "auto").strip().lower()
+_state = {"enabled": _setting not in ("0", "false", "no", "off"), "broken": False}
+_forced = _setting in ("0", "false", "no", "off", "1", "true", "yes", "on")
 _ready: set[object] = set()
+
+
+def set_mode(mode: str) -> None:
+    """``"on"``, ``"off"`` or ``"auto"``: what LLMQUANT_COMPILE=1, =0 or unset choose, set from code."""
+    global _forced
+    if mode not in ("on", "off", "auto"):
+        raise ValueError(f"compile mode {mode!r}: choose on, off or auto")
+    _state["enabled"] = mode != "off"
+    _forced = mode != "auto"
+
+
+def worth_it(n_weights: int) -> bool:
+    """Whether a job quantizing ``n_weights`` weights should use the kernels: as LLMQUANT_COMPILE says when set,
+    else only for jobs large enough to repay tracing them."""
+    if not _state["enabled"] or _state["broken"]:
+        return False
+    return _forced or n_weights >= AUTO_MIN_WEIGHTS
 
 
 def enabled(x: torch.Tensor) -> bool:
@@ -77,4 +103,4 @@ def run(fn: Callable, constants: tuple, *tensors: torch.Tensor):
         return None
 
 
-__all__ = ["MIN_GROUPS", "enabled", "run", "use_compiled"]
+__all__ = ["AUTO_MIN_WEIGHTS", "MIN_GROUPS", "enabled", "run", "set_mode", "use_compiled", "worth_it"]

@@ -26,7 +26,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from llmquant.errors import InputError
-from llmquant.formats import FORMATS, dequantize, quantize
+from llmquant.formats import FORMATS, compiled, dequantize, quantize
 from llmquant.gguf_io.header import GGUFHeader, HeaderTensor, read_gguf_header
 from llmquant.gguf_io.writer import StreamingGGUFWriter
 from llmquant.models.demo import DEMO_MODEL_NAME, resolve_model
@@ -225,8 +225,10 @@ def quantize_gguf(
     unweighted: list[str] = []
     n_weights = 0
     tensor_bytes = 0
+    n_to_quantize = sum(source.tensor(name).n_elements for name, type_name in plan.types.items()
+                        if type_name != source.tensor(name).type_name)
     with (StreamingGGUFWriter(output, arch) as writer, _torch_threads(1 if dev.type == "cpu" else None),
-          ThreadPoolExecutor(max_workers=n_threads) as pool):
+          ThreadPoolExecutor(max_workers=n_threads) as pool, compiled.use_compiled(compiled.worth_it(n_to_quantize))):
         for name, type_name in plan.types.items():
             numpy_shape = tuple(reversed(source.tensor(name).shape))
             writer.declare(name, numpy_shape, GGMLQuantizationType[type_name])
