@@ -12,7 +12,7 @@ from llmquant.oracles.ggml import ggml_quantize
 from tests.formats.compare import heavy_tailed, random_imatrix
 
 # the formats whose searches run through compiled kernels on the CPU
-FUSED = ["Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q3_K", "Q6_K"]
+FUSED = ["Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.mark.parametrize("type_name", FUSED)

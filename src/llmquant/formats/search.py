@@ -430,6 +430,20 @@ def _mm_search_scale_and_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, 
     best_error = error_of(best_scale, best_min)
     # the levels of the kept candidate are recomputed at the end from the inverse scale and min that made them
     kept_iscale, kept_offset = inverse_scale, low
+    if nstep >= 1 and compiled.enabled(x):
+        # the candidates through the fused step kernel: same operations, one pass over the groups each
+        rmin32, rdelta32 = _mm_float32(rmin), _mm_float32(rdelta)
+        state = (best_error, best_scale, kept_iscale, kept_offset, best_min)
+        for step in range(nstep + 1):
+            numerator = _mm_float32(_mm_float32(_mm_float32(rdelta32 * step) + rmin32) + nmax)
+            fused = compiled.run(_mm_candidate_kernel, (nmax, use_mad), xt, wt, sum_w, sum_x, high, *state,
+                                 torch.tensor(numerator, dtype=torch.float32, device=x.device))
+            if fused is None:
+                break
+            state = fused
+        else:
+            nstep = 0  # every candidate is done
+            best_error, best_scale, kept_iscale, kept_offset, best_min = state
     if nstep >= 1:
         rmin32, rdelta32 = _mm_float32(rmin), _mm_float32(rdelta)
         for step in range(nstep + 1):
@@ -460,6 +474,44 @@ def _mm_search_scale_and_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, 
     best_min = torch.where(flat, low, best_min)
     best_levels = torch.where(flat[None, :], torch.zeros_like(best_levels), best_levels)
     return best_scale, -best_min, best_levels.t().to(torch.uint8).contiguous()
+
+
+def _mm_candidate_kernel(xt: torch.Tensor, wt: torch.Tensor, sum_w: torch.Tensor, sum_x: torch.Tensor,
+                         high: torch.Tensor, best_error: torch.Tensor, best_scale: torch.Tensor,
+                         kept_iscale: torch.Tensor, kept_offset: torch.Tensor, best_min: torch.Tensor,
+                         numerator: torch.Tensor, nmax: int, use_mad: bool) -> tuple[torch.Tensor, ...]:
+    """One candidate of _mm_search_scale_and_min for ``compiled``, element-major (``xt``, ``wt``: [n, n_groups])
+    with ggml's loops unrolled: the levels from the running min, the five sums and the fit, the error, and the
+    keep-if-better update, in the eager code's order. Returns the new (best_error, best_scale, kept_iscale,
+    kept_offset, best_min)."""
+    n = xt.shape[0]
+    iscale = numerator / (high - best_min)
+    levels = []
+    for i in range(n):  # nearest_int's bit trick, as eager (the scaled value may be out of range)
+        bits = ((xt[i] - best_min) * iscale + 12582912.0).view(torch.int32)
+        levels.append(((bits & 0x007FFFFF) - 0x00400000).to(torch.float32).clamp(0, nmax))
+    weighted = wt[0] * levels[0]
+    sum_l, sum_l2, sum_xl = weighted, weighted * levels[0], weighted * xt[0]
+    for i in range(1, n):  # from the first term on, as _mm_sequential_sum_rows
+        weighted = wt[i] * levels[i]
+        sum_l = sum_l + weighted
+        sum_l2 = sum_l2 + weighted * levels[i]
+        sum_xl = sum_xl + weighted * xt[i]
+    det = sum_w * sum_l2 - sum_l * sum_l
+    this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+    positive = this_min > 0
+    this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
+    this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+    error = None
+    for i in range(n):
+        diff = levels[i] * this_scale + this_min - xt[i]
+        term = (diff.abs() if use_mad else diff * diff) * wt[i]
+        error = term if error is None else error + term
+    better = (det > 0) & (error < best_error)
+    return (torch.where(better, error, best_error), torch.where(better, this_scale, best_scale),
+            torch.where(better, iscale, kept_iscale), torch.where(better, best_min, kept_offset),
+            torch.where(better, this_min, best_min))
 
 
 def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
