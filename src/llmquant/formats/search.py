@@ -163,6 +163,29 @@ def _signed_absmax_columns(x: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
     return _signed_absmax_from_extremes(x, xt.amax(dim=0), xt.amin(dim=0))
 
 
+def _q3_pass_kernel(xt: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, levels: torch.Tensor,
+                    sumlx: torch.Tensor, suml2: torch.Tensor, nmax: int) -> tuple[torch.Tensor, ...]:
+    """One pass of make_q3_quants' level moves for ``compiled`` (element-major, [n, n_groups]): value by value,
+    the eager loop's operations in its order. Returns the levels, the two sums and which groups moved."""
+    moved = torch.zeros_like(sumlx, dtype=torch.bool)
+    out = []
+    for i in range(xt.shape[0]):
+        current = levels[i]
+        without_lx = sumlx - wx[i] * current
+        without_l2 = suml2 - (w[i] * current) * current
+        bits = ((xt[i] * without_l2) / without_lx + 12582912.0).view(torch.int32)
+        proposed = ((bits & 0x007FFFFF) - 0x00400000).clamp(-nmax, nmax - 1).to(torch.float32)
+        new_lx = without_lx + wx[i] * proposed
+        new_l2 = without_l2 + (w[i] * proposed) * proposed
+        accept = (without_lx > 0) & (proposed != current) & (new_l2 > 0)
+        accept = accept & ((new_lx * new_lx) * suml2 > (sumlx * sumlx) * new_l2)
+        out.append(torch.where(accept, proposed, current))
+        sumlx = torch.where(accept, new_lx, sumlx)
+        suml2 = torch.where(accept, new_l2, suml2)
+        moved = moved | accept
+    return torch.stack(out), sumlx, suml2, moved
+
+
 def _qx_numerators(nmax: int) -> list[float]:
     # -nmax, then -(nmax + 0.1f*is) for is = -9..9 but 0, rounded to float as in ggml
     return [float(-nmax)] + [-_f32(float(nmax) + _f32(_f32(0.1) * step)) for step in range(-9, 10) if step]
@@ -294,7 +317,14 @@ def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool = True) -> tuple[to
         # with no move leaves the state unchanged, so stopping when no group moved is ggml's early break.
         without_lx, without_l2, proposed = (torch.empty_like(sumlx) for _ in range(3))
         new_lx, new_l2, product = (torch.empty_like(sumlx) for _ in range(3))
-        for _ in range(5):
+        passes = 5  # left to run in eager
+        while passes and compiled.enabled(x):  # each pass as one fused kernel
+            fused = compiled.run(_q3_pass_kernel, (nmax,), xt, w, wx, levels, sumlx, suml2)
+            if fused is None:  # a failed compile: the rest of the passes in eager
+                break
+            levels, sumlx, suml2, moved = fused
+            passes = passes - 1 if bool(moved.any()) else 0
+        for _ in range(passes):
             moved = torch.zeros_like(sumlx, dtype=torch.bool)
             for i in range(xt.shape[0]):
                 xi, wi, wxi, current = xt[i], w[i], wx[i], levels[i]
