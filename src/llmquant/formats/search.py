@@ -412,6 +412,30 @@ def _mm_sequential_sum_rows(terms: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _mm_fit(sum_w: torch.Tensor, sum_x: torch.Tensor, sum_l: torch.Tensor, sum_l2: torch.Tensor,
+            sum_xl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weighted least-squares ``x ≈ scale*L + min`` of one candidate from its sums, min capped at 0 (then
+    the scale alone refits): (det, scale, min). Shared by the eager loop and the fused step."""
+    det = sum_w * sum_l2 - sum_l * sum_l
+    this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+    positive = this_min > 0
+    this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
+    return det, this_scale, torch.where(positive, torch.zeros_like(this_min), this_min)
+
+
+def _mm_keep_better(det: torch.Tensor, error: torch.Tensor, this_scale: torch.Tensor, this_min: torch.Tensor,
+                    iscale: torch.Tensor, best_error: torch.Tensor, best_scale: torch.Tensor,
+                    kept_iscale: torch.Tensor, kept_offset: torch.Tensor,
+                    best_min: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Keep the candidate where it is strictly better (the first best wins): the new (best_error, best_scale,
+    kept_iscale, kept_offset, best_min); kept_offset is the min its levels were computed from."""
+    better = (det > 0) & (error < best_error)
+    return (torch.where(better, error, best_error), torch.where(better, this_scale, best_scale),
+            torch.where(better, iscale, kept_iscale), torch.where(better, best_min, kept_offset),
+            torch.where(better, this_min, best_min))
+
+
 def _mm_search_scale_and_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
                              nstep: int, use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The body shared by llama.cpp's make_qkx2_quants and make_qkx3_quants: fit ``x ≈ scale * L + min``
@@ -484,21 +508,10 @@ def _mm_search_scale_and_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, 
             torch.mul(terms[:, 0], levels, out=terms[:, 1])
             torch.mul(terms[:, 0], xt, out=terms[:, 2])
             sums = _mm_sequential_sum_rows(terms)
-            sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
-            det = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            positive = this_min > 0
-            this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
-            this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+            det, this_scale, this_min = _mm_fit(sum_w, sum_x, sums[0], sums[1], sums[2])
             error = error_of(this_scale, this_min)
-            # kept only if strictly better: the first best candidate wins
-            better = (det > 0) & (error < best_error)
-            best_error = torch.where(better, error, best_error)
-            best_scale = torch.where(better, this_scale, best_scale)
-            kept_iscale = torch.where(better, iscale, kept_iscale)
-            kept_offset = torch.where(better, best_min, kept_offset)
-            best_min = torch.where(better, this_min, best_min)
+            best_error, best_scale, kept_iscale, kept_offset, best_min = _mm_keep_better(
+                det, error, this_scale, this_min, iscale, best_error, best_scale, kept_iscale, kept_offset, best_min)
     best_levels = levels_for(kept_iscale, kept_offset)
     best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
     best_min = torch.where(flat, low, best_min)
@@ -527,21 +540,14 @@ def _mm_candidate_kernel(xt: torch.Tensor, wt: torch.Tensor, sum_w: torch.Tensor
         sum_l = sum_l + weighted
         sum_l2 = sum_l2 + weighted * levels[i]
         sum_xl = sum_xl + weighted * xt[i]
-    det = sum_w * sum_l2 - sum_l * sum_l
-    this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-    positive = this_min > 0
-    this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
-    this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+    det, this_scale, this_min = _mm_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl)
     error = None
     for i in range(n):
         diff = levels[i] * this_scale + this_min - xt[i]
         term = (diff.abs() if use_mad else diff * diff) * wt[i]
         error = term if error is None else error + term
-    better = (det > 0) & (error < best_error)
-    return (torch.where(better, error, best_error), torch.where(better, this_scale, best_scale),
-            torch.where(better, iscale, kept_iscale), torch.where(better, best_min, kept_offset),
-            torch.where(better, this_min, best_min))
+    return _mm_keep_better(det, error, this_scale, this_min, iscale, best_error, best_scale, kept_iscale,
+                           kept_offset, best_min)
 
 
 def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
