@@ -90,7 +90,7 @@ def _sym_fifth_bits(levels: torch.Tensor) -> torch.Tensor:
 
 
 def _sym_scale_and_levels(
-    blocks: torch.Tensor, importance: torch.Tensor | None, sigma2: torch.Tensor | None, nmax: int
+    blocks: torch.Tensor, importance: torch.Tensor | None, nmax: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and levels in [0, 2·nmax) of Q4_0 (nmax 8) and Q5_0 (nmax 16).
 
@@ -105,17 +105,18 @@ def _sym_scale_and_levels(
         # (uint8_t)MIN(2·nmax - 1, (int8_t)(x/d + nmax + 0.5))
         levels = _sym_c_float_to_int8(scaled + (nmax + 0.5)).clamp_(max=2 * nmax - 1) & 0xFF
         return scale, levels.to(torch.int32)
-    if sigma2 is None:  # called on bare blocks: each block is its own row
-        sigma2 = _sym_row_mean_square(blocks)
-    weights = importance * search.sqrt_f32(sigma2[:, None] + blocks * blocks)
+    # bare blocks (quantize_rows handles whole rows): each block is its own row
+    weights = _sym_weights(blocks, importance.reshape(-1, 1, 32), _sym_row_mean_square(blocks))
     return search.make_qx_quants(blocks, nmax, rmse_type=1, weights=weights)
 
 
 def _sym_weights(rows: torch.Tensor, importance: torch.Tensor, row_sigma2: torch.Tensor) -> torch.Tensor:
-    """quantize_row_q4_0_impl's weights as blocks ``[n_blocks, 32]``: ``importance·sqrt(sigma2 + x²)``."""
+    """The legacy types' imatrix weights (quantize_row_q4_0_impl … q5_1_impl) as blocks ``[n_blocks, 32]``:
+    ``importance·sqrt(sigma2 + x²)``, sigma2 the row's mean square. ``importance`` broadcasts against the rows
+    as ``[n_rows, blocks_per_row, 32]`` (one vector for all rows: ``[1, blocks_per_row, 32]``)."""
     by_row = rows.reshape(rows.shape[0], -1, 32)
     root = search.sqrt_f32(row_sigma2[:, None, None] + by_row * by_row)
-    return (importance.reshape(1, -1, 32) * root).reshape(-1, 32)
+    return (importance * root).reshape(-1, 32)
 
 
 def _sym_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,12 +135,18 @@ def _sym_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor
     inverse = torch.where(nonzero, torch.ones_like(scale) / torch.where(nonzero, scale, torch.ones_like(scale)),
                           torch.zeros_like(scale))
     levels = (blocks * inverse[:, None] + (nmax + 0.5)).clamp(max=2 * nmax - 1).to(torch.int32)
+    return scale, _fused_pack(levels, fifth_bits=nmax == 16)
+
+
+def _fused_pack(levels: torch.Tensor, fifth_bits: bool) -> torch.Tensor:
+    """Inside a fused kernel: int32 levels [n, 32] → ggml's qs nibbles (value j low in byte j, value j+16 high),
+    after the 5-bit types' qh (bit e of the little-endian uint32: bit 4 of value e)."""
     nibbles = ((levels[:, :16] & 0xF) | ((levels[:, 16:] & 0xF) << 4)).to(torch.uint8)
-    if nmax == 8:
-        return scale, nibbles
+    if not fifth_bits:
+        return nibbles
     fifth = (levels >> 4) & 1
     qh = [sum(fifth[:, 8 * byte + bit] << bit for bit in range(8)) for byte in range(4)]
-    return scale, torch.cat([torch.stack(qh, dim=1).to(torch.uint8), nibbles], dim=1)
+    return torch.cat([torch.stack(qh, dim=1).to(torch.uint8), nibbles], dim=1)
 
 
 def _sym_pack_nibbles(levels: torch.Tensor) -> torch.Tensor:
@@ -183,7 +190,7 @@ class _SymmetricLegacy(BlockFormat):
             if _sym_scales_are_normal(scale):
                 levels = _sym_reference_levels_fast(blocks, _sym_inverse_or_zero(scale), self.nmax)
                 return self._pack_fast(scale, levels)
-        return self._pack(*_sym_scale_and_levels(blocks, importance, None, self.nmax))
+        return self._pack(*_sym_scale_and_levels(blocks, importance, self.nmax))
 
     def quantize_rows(self, rows: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         n_rows, n_per_row = rows.shape
@@ -194,9 +201,9 @@ class _SymmetricLegacy(BlockFormat):
         row_sigma2 = _sym_row_mean_square(rows)
         weights = None
         if compiled.enabled(blocks):  # one fused pass instead of six
-            weights = compiled.run(_sym_weights, (), rows, importance, row_sigma2)
+            weights = compiled.run(_sym_weights, (), rows, importance.reshape(1, -1, 32), row_sigma2)
         if weights is None:
-            weights = _sym_weights(rows, importance, row_sigma2)
+            weights = _sym_weights(rows, importance.reshape(1, -1, 32), row_sigma2)
         scale, levels = search.make_qx_quants(blocks, self.nmax, rmse_type=1, weights=weights)
         return self._pack_fast(scale, levels.to(torch.uint8).contiguous()).reshape(n_rows, -1)
 
@@ -288,41 +295,20 @@ class Q5_0(_SymmetricLegacy):
 # ==== scale + min: Q4_1, Q5_1 ====
 
 
-def _aff_fp16_bytes(values: torch.Tensor) -> torch.Tensor:
-    """float32 ``[n]`` → ggml_half bytes ``[n, 2]`` (round to nearest even, as GGML_FP32_TO_FP16)."""
-    return values.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
+def _aff_scale_and_min(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_row_q4_1_ref / q5_1_ref's d = (max - min)/nmax and min (the first of a +0/-0 tie, as ggml)."""
+    low = _aff_extreme(blocks, largest=False)
+    high = _aff_extreme(blocks, largest=True)
+    return search._mm_over_scalar(high - low, float(nmax)), low
 
 
-def _aff_fp16_values(data: torch.Tensor) -> torch.Tensor:
-    return data.contiguous().view(torch.float16).reshape(-1).to(torch.float32)
-
-
-def _aff_c_float_to_byte(values: torch.Tensor) -> torch.Tensor:
-    """C's ``(int8_t)``/``(uint8_t)`` of a float on ggml's x86 build: truncate to int32 (NaN, ±inf and values
-    beyond int32 become INT_MIN) and keep the low byte, here as a signed int64 in -128..127."""
-    valid = values.abs() < 2.0**31
-    whole = torch.where(valid, values, torch.zeros_like(values)).trunc().to(torch.int64)
-    return torch.where(valid, torch.remainder(whole + 128, 256) - 128, torch.zeros_like(whole))
-
-
-def _aff_row_mean_square(rows: torch.Tensor) -> torch.Tensor:
-    """sigma2 of quantize_row_q4_1_impl / q5_1_impl: the row's sum of x² (left to right) over the row length."""
-    return search._mm_over_scalar(search._mm_sequential_sum(rows * rows), float(rows.shape[1]))
-
-
-def _aff_reference(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quantize_row_q4_1_ref / q5_1_ref: d = (max - min)/nmax, levels (uint8_t)((x - min)/d + 0.5) (Q4_1
-    caps at 15). Returns (d, min, level bytes as int64 0..255)."""
-    low = search._mm_first_extreme(blocks, largest=False)
-    high = search._mm_first_extreme(blocks, largest=True)
-    scale = search._mm_over_scalar(high - low, float(nmax))
-    nonzero = scale != 0
-    inverse = torch.where(nonzero, search._mm_scalar_over(1.0, torch.where(nonzero, scale, torch.ones_like(scale))),
-                          torch.zeros_like(scale))
-    levels = _aff_c_float_to_byte((blocks - low[:, None]) * inverse[:, None] + 0.5)
+def _aff_reference(blocks: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, nmax: int) -> torch.Tensor:
+    """quantize_row_q4_1_ref / q5_1_ref's levels (uint8_t)((x - min)/d + 0.5) (Q4_1 caps at 15), with C's
+    wrapping conversions for any scale: level bytes as int64 0..255."""
+    levels = _sym_c_float_to_int8((blocks - low[:, None]) * _sym_inverse_or_zero(scale)[:, None] + 0.5)
     if nmax == 15:
         levels = levels.clamp(max=15)  # MIN(15, (int8_t)...) compares as signed
-    return scale, low, levels & 0xFF
+    return levels & 0xFF
 
 
 def _aff_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
@@ -358,37 +344,21 @@ def _aff_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor
     shifted = (blocks - low[:, None]) * inverse[:, None] + 0.5
     if nmax == 15:
         shifted = shifted.clamp(max=15)  # MIN(15, (int8_t)...)
-    levels = shifted.to(torch.int32)
-    nibbles = ((levels[:, :16] & 0xF) | ((levels[:, 16:] & 0xF) << 4)).to(torch.uint8)
-    if nmax == 15:
-        return scale, low, nibbles
-    fifth = (levels >> 4) & 1
-    qh = [sum(fifth[:, 8 * byte + bit] << bit for bit in range(8)) for byte in range(4)]
-    return scale, low, torch.cat([torch.stack(qh, dim=1).to(torch.uint8), nibbles], dim=1)
+    return scale, low, _fused_pack(shifted.to(torch.int32), fifth_bits=nmax == 31)
 
 
-def _aff_reference_fast(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """_aff_reference as uint8 levels when every scale is zero or a finite normal float (None otherwise): then
-    ``(x - min)/d + 0.5`` lies in [0.5, nmax + 0.51] and a plain truncating conversion is C's."""
-    low = _aff_extreme(blocks, largest=False)
-    high = _aff_extreme(blocks, largest=True)
-    scale = search._mm_over_scalar(high - low, float(nmax))
-    magnitude = scale.abs()
-    if not bool(((magnitude == 0) | ((magnitude >= _SYM_FLT_MIN) & (magnitude < float("inf")))).all()):
-        return None
-    nonzero = scale != 0
-    inverse = torch.where(nonzero, search._mm_scalar_over(1.0, torch.where(nonzero, scale, torch.ones_like(scale))),
-                          torch.zeros_like(scale))
-    shifted = torch.sub(blocks, low[:, None]).mul_(inverse[:, None]).add_(0.5)
+def _aff_reference_fast(blocks: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, nmax: int) -> torch.Tensor:
+    """_aff_reference as uint8 levels, for plain scales (``_aff_scales_are_plain``): then ``(x - min)/d + 0.5``
+    lies in [0.5, nmax + 0.51] and a plain truncating conversion is C's."""
+    shifted = torch.sub(blocks, low[:, None]).mul_(_sym_inverse_or_zero(scale)[:, None]).add_(0.5)
     if nmax == 15:
         shifted.clamp_(max=15)  # MIN(15, (int8_t)...)
-    return scale, low, shifted.to(torch.uint8)
+    return shifted.to(torch.uint8)
 
 
-def _aff_weighted(blocks: torch.Tensor, importance: torch.Tensor, sigma2: torch.Tensor,
+def _aff_weighted(blocks: torch.Tensor, weights: torch.Tensor,
                   nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quantize_row_q4_1_impl / q5_1_impl: make_qkx3_quants weighted by importance·sqrt(sigma2 + x²)."""
-    weights = importance * search._mm_sqrt(sigma2[:, None] + blocks * blocks)
+    """quantize_row_q4_1_impl / q5_1_impl: make_qkx3_quants weighted by ``_sym_weights``."""
     scale, the_min, levels = search.make_qkx3_quants(blocks, weights, nmax, -0.9, 0.05, 36, False)
     return scale, -the_min, levels.to(torch.int64)
 
@@ -411,44 +381,39 @@ class _AffineLegacy(BlockFormat):
     chunk_weights_imatrix = 1 << 18  # so do the (eager) imatrix search's
     fused_chunk_weights = 1 << 22  # the reference kernel streams; fewer calls spread its overhead
 
-    def _quantize(self, blocks: torch.Tensor, importance: torch.Tensor | None,
-                  sigma2: torch.Tensor | None) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         if importance is None and compiled.enabled(blocks):
             fused = compiled.run(_aff_reference_kernel, (self.nmax,), blocks.contiguous())
             if fused is not None and _aff_scales_are_plain(fused[0]):
                 scale, low, body = fused
                 out = torch.empty((blocks.shape[0], self.bytes_per_block), dtype=torch.uint8, device=blocks.device)
-                out[:, :2] = _aff_fp16_bytes(scale)
-                out[:, 2:4] = _aff_fp16_bytes(low)
+                out[:, :2] = _sym_fp16_bytes(scale)
+                out[:, 2:4] = _sym_fp16_bytes(low)
                 out[:, 4:] = body
                 return out
         if importance is None:
-            fast = _aff_reference_fast(blocks, self.nmax)
-            if fast is not None:
-                return self._pack_fast(*fast)
-            return self._pack(*_aff_reference(blocks, self.nmax))
-        if sigma2 is None:
-            sigma2 = _aff_row_mean_square(blocks)
-        return self._pack(*_aff_weighted(blocks, importance, sigma2, self.nmax))
-
-    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-        return self._quantize(blocks, importance, None)
+            scale, low = _aff_scale_and_min(blocks, self.nmax)
+            if _aff_scales_are_plain(scale):
+                return self._pack_fast(scale, low, _aff_reference_fast(blocks, scale, low, self.nmax))
+            return self._pack(scale, low, _aff_reference(blocks, scale, low, self.nmax))
+        # bare blocks with importance: each block is its own row
+        weights = _sym_weights(blocks, importance.reshape(-1, 1, 32), _sym_row_mean_square(blocks))
+        return self._pack(*_aff_weighted(blocks, weights, self.nmax))
 
     def quantize_rows(self, rows: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-        n_rows, n_per_row = rows.shape
+        n_rows = rows.shape[0]
         blocks = rows.reshape(-1, self.block_size)
         if importance is None:
-            return self._quantize(blocks, None, None).reshape(n_rows, -1)
-        sigma2 = _aff_row_mean_square(rows).repeat_interleave(n_per_row // self.block_size)
-        block_importance = importance.reshape(1, -1).expand(n_rows, -1).reshape(-1, self.block_size)
-        return self._quantize(blocks, block_importance, sigma2).reshape(n_rows, -1)
+            return self.quantize_blocks(blocks, None).reshape(n_rows, -1)
+        weights = _sym_weights(rows, importance.reshape(1, -1, 32), _sym_row_mean_square(rows))
+        return self._pack(*_aff_weighted(blocks, weights, self.nmax)).reshape(n_rows, -1)
 
     def _levels(self, data: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
-        scale = _aff_fp16_values(data[:, 0:2])
-        low = _aff_fp16_values(data[:, 2:4])
+        scale = _sym_fp16_values(data[:, 0:2])
+        low = _sym_fp16_values(data[:, 2:4])
         return scale[:, None] * self._levels(data).to(torch.float32) + low[:, None]
 
 
@@ -461,12 +426,12 @@ class Q4_1(_AffineLegacy):
 
     def _pack(self, scale: torch.Tensor, low: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         qs = (levels[:, :16] | (levels[:, 16:] << 4)) & 0xFF
-        return torch.cat([_aff_fp16_bytes(scale), _aff_fp16_bytes(low), qs.to(torch.uint8)], dim=1)
+        return torch.cat([_sym_fp16_bytes(scale), _sym_fp16_bytes(low), qs.to(torch.uint8)], dim=1)
 
     def _pack_fast(self, scale: torch.Tensor, low: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         out = torch.empty((levels.shape[0], 20), dtype=torch.uint8, device=levels.device)
-        out[:, :2] = _aff_fp16_bytes(scale)
-        out[:, 2:4] = _aff_fp16_bytes(low)
+        out[:, :2] = _sym_fp16_bytes(scale)
+        out[:, 2:4] = _sym_fp16_bytes(low)
         _sym_pack_nibbles_u8(levels, out[:, 4:])
         return out
 
@@ -486,13 +451,13 @@ class Q5_1(_AffineLegacy):
         qs = (levels[:, :16] & 0xF) | ((levels[:, 16:] & 0xF) << 4)
         fifth = ((levels >> 4) & 1).reshape(-1, 4, 8)
         qh = (fifth << torch.arange(8, device=levels.device)).sum(dim=2)
-        parts = [_aff_fp16_bytes(scale), _aff_fp16_bytes(low), qh.to(torch.uint8), qs.to(torch.uint8)]
+        parts = [_sym_fp16_bytes(scale), _sym_fp16_bytes(low), qh.to(torch.uint8), qs.to(torch.uint8)]
         return torch.cat(parts, dim=1)
 
     def _pack_fast(self, scale: torch.Tensor, low: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         out = torch.empty((levels.shape[0], 24), dtype=torch.uint8, device=levels.device)
-        out[:, :2] = _aff_fp16_bytes(scale)
-        out[:, 2:4] = _aff_fp16_bytes(low)
+        out[:, :2] = _sym_fp16_bytes(scale)
+        out[:, 2:4] = _sym_fp16_bytes(low)
         out[:, 4:8] = _sym_fifth_bits(levels)
         _sym_pack_nibbles_u8(levels & 0xF, out[:, 8:])
         return out
