@@ -213,8 +213,8 @@ def test_cli_quantizes_the_demo_model_with_an_on_the_fly_imatrix(tmp_path):
 @pytest.mark.parametrize("file_type", ["Q4_0", "Q5_1", "Q6_K", "Q3_K_M"])
 def test_fused_kernels_in_worker_threads_give_llama_cpps_file(file_type, tiny_gguf, tmp_path, monkeypatch):
     # a small model runs eager in auto mode; forced on, the kernels run in both worker threads
-    monkeypatch.setattr(compiled, "_forced", compiled._forced)  # restored afterwards, as is _state
-    monkeypatch.setitem(compiled._state, "enabled", compiled._state["enabled"])
+    for key in ("enabled", "forced"):  # restored afterwards
+        monkeypatch.setitem(compiled._state, key, compiled._state[key])
     compiled.set_mode("on")
     assert compiled.worth_it(1)
     ours, theirs = quantize_both(tiny_gguf, tmp_path, file_type, random_imatrix(tiny_gguf))
@@ -224,8 +224,8 @@ def test_fused_kernels_in_worker_threads_give_llama_cpps_file(file_type, tiny_gg
 
 
 def test_auto_mode_uses_the_kernels_only_for_large_jobs(monkeypatch):
-    monkeypatch.setattr(compiled, "_forced", compiled._forced)
-    monkeypatch.setitem(compiled._state, "enabled", compiled._state["enabled"])
+    for key in ("enabled", "forced"):
+        monkeypatch.setitem(compiled._state, key, compiled._state[key])
     monkeypatch.setitem(compiled._state, "broken", False)
     compiled.set_mode("auto")
     assert not compiled.worth_it(135_000_000)

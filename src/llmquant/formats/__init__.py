@@ -69,7 +69,7 @@ def quantize(weights, type_name: str, imatrix=None, chunk_rows: int | None = Non
     blocks_per_row = n_per_row // fmt.block_size
     row_bytes = blocks_per_row * fmt.bytes_per_block
     out = np.empty((rows, row_bytes), dtype=np.uint8)
-    fused = fmt.fused_chunk_weights and compiled.enabled(w.reshape(-1, fmt.block_size))
+    fused = fmt.fused_chunk_weights and compiled.enabled(w, n_groups=w.numel() // fmt.block_size)
     chunk_weights = ((importance is not None and fmt.chunk_weights_imatrix) or (fused and fmt.fused_chunk_weights)
                      or fmt.chunk_weights or _CHUNK_WEIGHTS)
     step = chunk_rows or max(1, chunk_weights // max(n_per_row, 1))

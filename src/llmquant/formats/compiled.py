@@ -35,19 +35,22 @@ _lock = threading.Lock()
 # costs more than they save on a model this small (SmolLM2-135M: 24 s eager, 32 s compiled, end to end)
 AUTO_MIN_WEIGHTS = 1_000_000_000
 
-_setting = os.environ.get(_ENV, "auto").strip().lower()
-_state = {"enabled": _setting not in ("0", "false", "no", "off"), "broken": False}
-_forced = _setting in ("0", "false", "no", "off", "1", "true", "yes", "on")
+_MODES = {"0": "off", "false": "off", "no": "off", "off": "off", "1": "on", "true": "on", "yes": "on", "on": "on"}
+# enabled: the kernels may run; forced: LLMQUANT_COMPILE (or set_mode) decided, not ``worth_it``'s size rule;
+# broken: compiling failed once in this process
+_state = {"enabled": True, "forced": False, "broken": False}
 _ready: set[object] = set()
 
 
 def set_mode(mode: str) -> None:
     """``"on"``, ``"off"`` or ``"auto"``: what LLMQUANT_COMPILE=1, =0 or unset choose, set from code."""
-    global _forced
     if mode not in ("on", "off", "auto"):
         raise ValueError(f"compile mode {mode!r}: choose on, off or auto")
     _state["enabled"] = mode != "off"
-    _forced = mode != "auto"
+    _state["forced"] = mode != "auto"
+
+
+set_mode(_MODES.get(os.environ.get(_ENV, "auto").strip().lower(), "auto"))
 
 
 def worth_it(n_weights: int) -> bool:
@@ -55,12 +58,13 @@ def worth_it(n_weights: int) -> bool:
     else only for jobs large enough to repay tracing them."""
     if not _state["enabled"] or _state["broken"]:
         return False
-    return _forced or n_weights >= AUTO_MIN_WEIGHTS
+    return _state["forced"] or n_weights >= AUTO_MIN_WEIGHTS
 
 
-def enabled(x: torch.Tensor) -> bool:
-    """Whether the compiled kernels should handle ``x`` ([n_groups, group_size])."""
-    return (_state["enabled"] and not _state["broken"] and x.device.type == "cpu" and x.shape[0] >= MIN_GROUPS)
+def enabled(x: torch.Tensor, n_groups: int | None = None) -> bool:
+    """Whether the compiled kernels should handle ``x`` ([n_groups, group_size]; ``n_groups`` overrides)."""
+    n_groups = x.shape[0] if n_groups is None else n_groups
+    return _state["enabled"] and not _state["broken"] and x.device.type == "cpu" and n_groups >= MIN_GROUPS
 
 
 @contextlib.contextmanager
