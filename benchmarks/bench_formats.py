@@ -26,14 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from llmquant.formats import FORMATS, quantize  # noqa: E402
 from llmquant.oracles.ggml import ggml_quantize  # noqa: E402
-from tests.formats.compare import heavy_tailed, random_imatrix  # noqa: E402
+from tests.formats.compare import ALL_FORMATS, heavy_tailed, random_imatrix  # noqa: E402
 
-ALL_FORMATS = [
-    "F32", "F16", "BF16",
-    "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-    "IQ4_NL", "IQ4_XS",
-]  # fmt: skip
 DOWN_PROJ = "model.layers.14.mlp.down_proj.weight"  # [576, 1536]: rows a multiple of 256
 
 

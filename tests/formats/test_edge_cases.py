@@ -15,14 +15,7 @@ import pytest
 
 from llmquant.formats import FORMATS, dequantize, quantize
 from llmquant.oracles.ggml import ggml_quantize
-from tests.formats.compare import heavy_tailed, random_imatrix
-
-ALL_FORMATS = [
-    "F32", "F16", "BF16",
-    "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-    "IQ4_NL", "IQ4_XS",
-]  # fmt: skip
+from tests.formats.compare import ALL_FORMATS, heavy_tailed, random_imatrix
 
 ROWS, COLUMNS = 8, 512  # 512 columns: two 256-weight super-blocks, sixteen 32-weight blocks per row
 F16_MAX = 65504.0
