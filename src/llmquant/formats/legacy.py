@@ -6,6 +6,7 @@ with an importance vector, its weighted search.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from llmquant.formats import compiled, search
@@ -119,10 +120,11 @@ def _sym_weights(rows: torch.Tensor, importance: torch.Tensor, row_sigma2: torch
     return (importance * root).reshape(-1, 32)
 
 
-def _sym_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_row_q4_0_ref / q5_0_ref fused by ``compiled``, for blocks whose scales are normal (the caller
-    checks): the first value of largest magnitude, ``d = max/-nmax``, levels truncating ``x/d + nmax + 0.5``
-    (capped at 2·nmax - 1), packed. Returns the scale and the bytes after it (Q5_0: qh, then the nibbles)."""
+def _sym_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple:
+    """quantize_row_q4_0_ref / q5_0_ref fused by ``compiled``: the first value of largest magnitude,
+    ``d = max/-nmax``, levels truncating ``x/d + nmax + 0.5`` (capped at 2·nmax - 1), packed. Returns the
+    scale, ``_fused_pack``'s qh and nibbles and whether any scale is subnormal (then the caller takes the exact
+    path)."""
     amax = torch.zeros_like(blocks[:, 0])
     signed_max = torch.zeros_like(blocks[:, 0])
     for i in range(32):  # ggml: `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`
@@ -135,18 +137,34 @@ def _sym_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor
     inverse = torch.where(nonzero, torch.ones_like(scale) / torch.where(nonzero, scale, torch.ones_like(scale)),
                           torch.zeros_like(scale))
     levels = (blocks * inverse[:, None] + (nmax + 0.5)).clamp(max=2 * nmax - 1).to(torch.int32)
-    return scale, _fused_pack(levels, fifth_bits=nmax == 16)
+    magnitude = scale.abs()
+    subnormal = ((magnitude > 0) & (magnitude < _SYM_FLT_MIN)).any()
+    return scale, *_fused_pack(levels, fifth_bits=nmax == 16), subnormal
 
 
-def _fused_pack(levels: torch.Tensor, fifth_bits: bool) -> torch.Tensor:
-    """Inside a fused kernel: int32 levels [n, 32] → ggml's qs nibbles (value j low in byte j, value j+16 high),
-    after the 5-bit types' qh (bit e of the little-endian uint32: bit 4 of value e)."""
+def _fused_pack(levels: torch.Tensor, fifth_bits: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Inside a fused kernel: int32 levels [n, 32] (0..31) → bit 4 of each as uint8 ``[n, 32]`` (the 5-bit types; None
+    for the 4-bit ones) and ggml's qs nibbles ``[n, 16]`` (value j low in byte j, value j+16 high). The bits are
+    packed into qh outside (``_fused_assemble``): summing them per block inside costs inductor a horizontal
+    reduction per block, slower than ggml's scalar loop."""
     nibbles = ((levels[:, :16] & 0xF) | ((levels[:, 16:] & 0xF) << 4)).to(torch.uint8)
-    if not fifth_bits:
-        return nibbles
-    fifth = (levels >> 4) & 1
-    qh = [sum(fifth[:, 8 * byte + bit] << bit for bit in range(8)) for byte in range(4)]
-    return torch.cat([torch.stack(qh, dim=1).to(torch.uint8), nibbles], dim=1)
+    # levels >> 4, not levels >= 16: inductor converts a comparison's mask to bytes ten times slower
+    return ((levels >> 4).to(torch.uint8) if fifth_bits else None), nibbles
+
+
+def _fused_assemble(halves: list[torch.Tensor], fifth: torch.Tensor | None, nibbles: torch.Tensor) -> torch.Tensor:
+    """Blocks' bytes from ``_fused_pack``'s parts (on the CPU): the ggml_half of each float32 ``[n]`` in
+    ``halves`` (d, then m), qh packed from the bits (bit e of the little-endian uint32: value e's), the nibbles.
+    Filled as the fields of a numpy record per block, so each part is one strided copy of whole items."""
+    fields = [(f"half{i}", "<f2") for i in range(len(halves))]
+    fields += ([("qh", "V4")] if fifth is not None else []) + [("qs", "V16")]
+    out = np.empty(nibbles.shape[0], dtype=np.dtype(fields))
+    for i, values in enumerate(halves):
+        out[f"half{i}"] = values.to(torch.float16).numpy()
+    if fifth is not None:
+        out["qh"] = np.packbits(fifth.numpy().reshape(-1), bitorder="little").view("V4")
+    out["qs"] = nibbles.numpy().reshape(-1).view("V16")
+    return torch.from_numpy(out.view(np.uint8).reshape(nibbles.shape[0], -1))
 
 
 def _sym_pack_nibbles(levels: torch.Tensor) -> torch.Tensor:
@@ -178,12 +196,8 @@ class _SymmetricLegacy(BlockFormat):
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         if importance is None and compiled.enabled(blocks):
             fused = compiled.run(_sym_reference_kernel, (self.nmax,), blocks.contiguous())
-            if fused is not None and _sym_scales_are_normal(fused[0]):
-                scale, body = fused
-                out = torch.empty((blocks.shape[0], self.bytes_per_block), dtype=torch.uint8, device=blocks.device)
-                out[:, :2] = _sym_fp16_bytes(scale)
-                out[:, 2:] = body
-                return out
+            if fused is not None and not bool(fused[3]):
+                return _fused_assemble([fused[0]], fused[1], fused[2])
         if importance is None:
             scale = search.signed_absmax(blocks)
             scale = scale / torch.full_like(scale, float(-self.nmax))
@@ -328,10 +342,11 @@ def _aff_scales_are_plain(scale: torch.Tensor) -> bool:
     return bool(((magnitude == 0) | ((magnitude >= _SYM_FLT_MIN) & (magnitude < float("inf")))).all())
 
 
-def _aff_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quantize_row_q4_1_ref / q5_1_ref fused by ``compiled``, for blocks whose scales are plain (the caller
-    checks): min and max as ggml's loop keeps them (the first of a +0/-0 tie), ``d = (max - min)/nmax``,
-    levels truncating ``(x - min)/d + 0.5``, packed. Returns d, min and the bytes after them."""
+def _aff_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple:
+    """quantize_row_q4_1_ref / q5_1_ref fused by ``compiled``: min and max as ggml's loop keeps them (the first
+    of a +0/-0 tie), ``d = (max - min)/nmax``, levels truncating ``(x - min)/d + 0.5``, packed. Returns d, min,
+    ``_fused_pack``'s qh and nibbles and whether every scale is plain (``_aff_scales_are_plain``; else the caller
+    takes the exact path)."""
     low = blocks[:, 0]
     high = blocks[:, 0]
     for i in range(1, 32):
@@ -344,7 +359,9 @@ def _aff_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple[torch.Tensor
     shifted = (blocks - low[:, None]) * inverse[:, None] + 0.5
     if nmax == 15:
         shifted = shifted.clamp(max=15)  # MIN(15, (int8_t)...)
-    return scale, low, _fused_pack(shifted.to(torch.int32), fifth_bits=nmax == 31)
+    magnitude = scale.abs()
+    plain = (magnitude == 0) | ((magnitude >= _SYM_FLT_MIN) & (magnitude < float("inf")))
+    return scale, low, *_fused_pack(shifted.to(torch.int32), fifth_bits=nmax == 31), plain.all()
 
 
 def _aff_reference_fast(blocks: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, nmax: int) -> torch.Tensor:
@@ -384,13 +401,8 @@ class _AffineLegacy(BlockFormat):
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         if importance is None and compiled.enabled(blocks):
             fused = compiled.run(_aff_reference_kernel, (self.nmax,), blocks.contiguous())
-            if fused is not None and _aff_scales_are_plain(fused[0]):
-                scale, low, body = fused
-                out = torch.empty((blocks.shape[0], self.bytes_per_block), dtype=torch.uint8, device=blocks.device)
-                out[:, :2] = _sym_fp16_bytes(scale)
-                out[:, 2:4] = _sym_fp16_bytes(low)
-                out[:, 4:] = body
-                return out
+            if fused is not None and bool(fused[4]):
+                return _fused_assemble([fused[0], fused[1]], fused[2], fused[3])
         if importance is None:
             scale, low = _aff_scale_and_min(blocks, self.nmax)
             if _aff_scales_are_plain(scale):
