@@ -45,6 +45,26 @@ def test_float_bytes_match_ggml_on_real_weights(type_name: str, smollm2_weights)
     assert np.array_equal(quantize(w, type_name), ggml_quantize(w, type_name))
 
 
+@pytest.mark.parametrize("type_name", FLOAT_TYPES)
+def test_whole_tensor_shortcut_equals_the_block_path(type_name: str):
+    # quantize() converts finite weights in one pass (quantize_finite); quantize_blocks is the general path
+    w = awkward_values()
+    blocks = FORMATS[type_name].quantize_blocks(torch.from_numpy(w).reshape(-1, 1), None)
+    assert np.array_equal(quantize(w, type_name), blocks.numpy().reshape(w.shape[0], -1))
+
+
+def test_f32_of_float32_weights_is_a_read_only_view():
+    w = heavy_tailed(16, 64)
+    data = quantize(w, "F32")
+    assert np.shares_memory(data, w) and not data.flags.writeable
+    with pytest.raises(ValueError):
+        data[0, 0] = 1
+    # any other input is converted first: the result is then its own memory
+    w64 = w.astype(np.float64)
+    assert not np.shares_memory(quantize(w64, "F32"), w64)
+    assert np.array_equal(quantize(w64, "F32"), data)
+
+
 @pytest.mark.parametrize("type_name", ["F16", "BF16"])
 def test_nan_is_written_as_ggml_quiet_nan(type_name: str):
     # quantize() refuses non-finite weights, so the blocks are given directly

@@ -40,7 +40,8 @@ def _as_float_tensor(weights) -> torch.Tensor:
 def quantize(weights, type_name: str, imatrix=None, chunk_rows: int | None = None) -> np.ndarray:
     """Quantize 2-D float weights (numpy or torch, any device) to ggml's bytes: uint8 numpy ``[rows, row_bytes]``.
 
-    ``imatrix`` is one non-negative importance per input column (length = row length), or None.
+    ``imatrix`` is one non-negative importance per input column (length = row length), or None. F32 of float32
+    CPU weights is a read-only view of their memory (no copy), so it changes if they do.
     """
     fmt = get_format(type_name)
     w = _as_float_tensor(weights)
@@ -66,6 +67,9 @@ def quantize(weights, type_name: str, imatrix=None, chunk_rows: int | None = Non
             raise ValueError(f"{fmt.name}: imatrix contains non-finite values")
         if bool((importance < 0).any()):
             raise ValueError(f"{fmt.name}: imatrix contains negative values (it holds mean squared activations)")
+    whole = fmt.quantize_finite(w)
+    if whole is not None:
+        return whole
     blocks_per_row = n_per_row // fmt.block_size
     row_bytes = blocks_per_row * fmt.bytes_per_block
     out = np.empty((rows, row_bytes), dtype=np.uint8)

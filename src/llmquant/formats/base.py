@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 REGISTRY: dict[str, BlockFormat] = {}
@@ -42,6 +43,11 @@ class BlockFormat:
     def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
         """uint8 ``[n_blocks, bytes_per_block]`` → float32 ``[n_blocks, block_size]``."""
         raise NotImplementedError
+
+    def quantize_finite(self, weights: torch.Tensor) -> np.ndarray | None:
+        """The whole of 2-D float32 ``weights``, already checked finite, at once: uint8 numpy
+        ``[rows, row_bytes]``; or None, where the format has no such shortcut and goes by chunks of rows."""
+        return None
 
     def quantize_rows(self, rows: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         """float32 ``[n_rows, n_per_row]`` (+ one importance per column, ``[n_per_row]``, or None)

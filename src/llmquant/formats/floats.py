@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from llmquant.formats.base import BlockFormat
+
+
+def _converted(weights: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """Finite float32 weights converted in one pass straight into the result's memory, as uint8 rows."""
+    out = torch.empty(weights.shape, dtype=dtype)
+    out.copy_(weights)  # round to nearest even, as ggml; NaN (which ggml quiets its own way) cannot occur
+    return out.view(torch.int16).numpy().view(np.uint8)
 
 
 class F32(BlockFormat):
@@ -16,6 +24,12 @@ class F32(BlockFormat):
 
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         return blocks.to(torch.float32).contiguous().view(torch.uint8).reshape(-1, 4)
+
+    def quantize_finite(self, weights: torch.Tensor) -> np.ndarray:
+        """The weights' own bytes: for contiguous float32 CPU weights a read-only view of them, no copy."""
+        values = weights.detach().cpu().contiguous().numpy().view(np.uint8)
+        values.flags.writeable = False
+        return values
 
     def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
         return data.contiguous().view(torch.float32).reshape(-1, 1)
@@ -41,6 +55,9 @@ class F16(BlockFormat):
         bits = torch.where(torch.isnan(values), quiet_nan, bits)
         return bits.view(torch.uint8).reshape(-1, 2)
 
+    def quantize_finite(self, weights: torch.Tensor) -> np.ndarray:
+        return _converted(weights, torch.float16)
+
     def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
         return data.contiguous().view(torch.float16).to(torch.float32).reshape(-1, 1)
 
@@ -65,6 +82,9 @@ class BF16(BlockFormat):
         quieted = (bits >> 16) | 64  # ggml keeps a NaN's top bits and forces it quiet
         half = torch.where(is_nan, quieted, rounded) & 0xFFFF
         return torch.stack([half & 0xFF, half >> 8], dim=1).to(torch.uint8)
+
+    def quantize_finite(self, weights: torch.Tensor) -> np.ndarray:
+        return _converted(weights, torch.bfloat16)
 
     def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
         half = data.to(torch.int32)
