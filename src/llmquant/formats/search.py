@@ -171,20 +171,49 @@ def _signed_absmax_columns(x: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
     return _signed_absmax_from_extremes(x, xt.amax(dim=0), xt.amin(dim=0))
 
 
-def _q3_pass_kernel(xt: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, levels: torch.Tensor,
-                    sumlx: torch.Tensor, suml2: torch.Tensor, nmax: int) -> tuple[torch.Tensor, ...]:
+def _q3_start_kernel(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, ...]:
+    """make_q3_quants up to its passes for ``compiled`` (element-major, [n, n_groups]): the first value of
+    largest magnitude, ``iscale = -nmax/max``, the rounded levels and the sums ``(w·x)·l`` and ``(w·l)·l`` from
+    +0, w = x². Returns the levels (float), sumlx, suml2, iscale and which groups are all zero (1.0)."""
+    amax = torch.zeros_like(xt[0])
+    signed_max = torch.zeros_like(xt[0])
+    for i in range(xt.shape[0]):  # ggml: `if (ax > amax) { amax = ax; max = x[i]; }`
+        magnitude = xt[i].abs()
+        larger = magnitude > amax
+        amax = torch.where(larger, magnitude, amax)
+        signed_max = torch.where(larger, xt[i], signed_max)
+    all_zero = amax < GROUP_MAX_EPS
+    inverse_scale = float(-nmax) / torch.where(all_zero, torch.ones_like(signed_max), signed_max)
+    levels = []
+    sumlx = torch.zeros_like(amax)
+    suml2 = torch.zeros_like(amax)
+    for i in range(xt.shape[0]):  # |iscale·x| <= nmax: round (half to even) is nearest_int there
+        level = torch.round(xt[i] * inverse_scale).clamp(-nmax, nmax - 1)
+        w = xt[i] * xt[i]
+        sumlx = sumlx + (w * xt[i]) * level
+        suml2 = suml2 + (w * level) * level
+        levels.append(level)
+    return (torch.stack(levels), sumlx, suml2, inverse_scale,
+            torch.where(all_zero, torch.ones_like(amax), torch.zeros_like(amax)))
+
+
+def _q3_pass_kernel(xt: torch.Tensor, levels: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor,
+                    nmax: int) -> tuple[torch.Tensor, ...]:
     """One pass of make_q3_quants' level moves for ``compiled`` (element-major, [n, n_groups]): value by value,
-    the eager loop's operations in its order. Returns the levels, the two sums and which groups moved (1.0)."""
+    the eager loop's operations in its order (w = x² recomputed: cheaper than reading it). Returns the levels,
+    the two sums and which groups moved (1.0)."""
     moved = torch.zeros_like(sumlx)
     out = []
     for i in range(xt.shape[0]):
         current = levels[i]
-        without_lx = sumlx - wx[i] * current
-        without_l2 = suml2 - (w[i] * current) * current
+        w = xt[i] * xt[i]
+        wx = w * xt[i]
+        without_lx = sumlx - wx * current
+        without_l2 = suml2 - (w * current) * current
         bits = ((xt[i] * without_l2) / without_lx + 12582912.0).view(torch.int32)
         proposed = ((bits & 0x007FFFFF) - 0x00400000).clamp(-nmax, nmax - 1).to(torch.float32)
-        new_lx = without_lx + wx[i] * proposed
-        new_l2 = without_l2 + (w[i] * proposed) * proposed
+        new_lx = without_lx + wx * proposed
+        new_l2 = without_l2 + (w * proposed) * proposed
         accept = [without_lx > 0, proposed != current, new_l2 > 0,
                   (new_lx * new_lx) * suml2 > (sumlx * sumlx) * new_l2]
         out.append(where_all(accept, proposed, current))
@@ -306,31 +335,41 @@ def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool = True) -> tuple[to
     """
     # element-major ([n, n_groups]): each value's step is a few calls on contiguous rows
     xt = x.t().contiguous()
-    signed_max = _signed_absmax_columns(x, xt)
-    all_zero = signed_max.abs() < GROUP_MAX_EPS
-    safe_max = torch.where(all_zero, torch.ones_like(signed_max), signed_max)
-    inverse_scale = divide_scalar_by(float(-nmax), safe_max)
-    # |iscale*x| <= nmax: torch.round (half to even) is ggml's nearest_int there
-    levels = torch.mul(xt, inverse_scale).round_().clamp_(-nmax, nmax - 1)  # float
-    zero_scale = torch.zeros_like(signed_max)
+    zero_scale = torch.zeros_like(xt[0])
+    fused = compiled.run(_q3_start_kernel, (nmax,), xt) if do_rmse and compiled.enabled(x) else None
+    if fused is not None:
+        levels, sumlx, suml2, inverse_scale, all_zero = fused
+        all_zero = all_zero != 0
+    else:
+        signed_max = _signed_absmax_columns(x, xt)
+        all_zero = signed_max.abs() < GROUP_MAX_EPS
+        safe_max = torch.where(all_zero, torch.ones_like(signed_max), signed_max)
+        inverse_scale = divide_scalar_by(float(-nmax), safe_max)
+        # |iscale*x| <= nmax: torch.round (half to even) is ggml's nearest_int there
+        levels = torch.mul(xt, inverse_scale).round_().clamp_(-nmax, nmax - 1)  # float
     if not do_rmse:
         scale = divide_scalar_by(1.0, inverse_scale)
     else:
-        w = xt * xt
-        wx = w * xt
-        sumlx = sequential_sum_rows(wx * levels)
-        suml2 = sequential_sum_rows(w * levels * levels)
+        w = wx = None
+        if fused is None:
+            w = xt * xt
+            wx = w * xt
+            sumlx = sequential_sum_rows(wx * levels)
+            suml2 = sequential_sum_rows(w * levels * levels)
         # value by value, in ggml's order: each accepted move changes the sums the next value sees. A pass
         # with no move leaves the state unchanged, so stopping when no group moved is ggml's early break.
         without_lx, without_l2, proposed = (torch.empty_like(sumlx) for _ in range(3))
         new_lx, new_l2, product = (torch.empty_like(sumlx) for _ in range(3))
         passes = 5  # left to run in eager
         while passes and compiled.enabled(x):  # each pass as one fused kernel
-            fused = compiled.run(_q3_pass_kernel, (nmax,), xt, w, wx, levels, sumlx, suml2)
+            fused = compiled.run(_q3_pass_kernel, (nmax,), xt, levels, sumlx, suml2)
             if fused is None:  # a failed compile: the rest of the passes in eager
                 break
             levels, sumlx, suml2, moved = fused
             passes = passes - 1 if bool(moved.any()) else 0
+        if passes and w is None:
+            w = xt * xt
+            wx = w * xt
         for _ in range(passes):
             moved = torch.zeros_like(sumlx, dtype=torch.bool)
             for i in range(xt.shape[0]):
