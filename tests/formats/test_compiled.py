@@ -32,6 +32,25 @@ def test_compiled_and_eager_paths_both_give_ggmls_bytes(type_name: str, with_ima
     assert np.array_equal(eager, expected)
 
 
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_q3_k_passes_run_on_the_groups_still_moving(use_kernels: bool, monkeypatch):
+    # make_q3_quants gives each pass only the groups that moved in the last; on these small tensors the late
+    # passes are down to a single group, which is run twice (a kernel of size 1 would specialize)
+    repeats = []
+    original_repeat = torch.Tensor.repeat
+
+    def counted_repeat(self, *sizes):
+        repeats.append(sizes)
+        return original_repeat(self, *sizes)
+
+    monkeypatch.setattr(torch.Tensor, "repeat", counted_repeat)
+    with compiled.use_compiled(use_kernels):
+        for seed in range(12):
+            w = heavy_tailed(8, 256, seed=seed)
+            assert np.array_equal(quantize(w, "Q3_K"), ggml_quantize(w, "Q3_K")), seed
+    assert repeats, "no pass came down to a single moving group"
+
+
 def test_a_kernel_that_cannot_compile_falls_back_to_eager(monkeypatch):
     def broken_compile(fn, key):
         def kernel(*args):
