@@ -13,6 +13,11 @@ The first call of each kernel in a process traces it (a few seconds) and the fir
 then cached on disk by inductor): a job on a small model is faster without them, hence ``worth_it``. Anything
 that goes wrong while compiling turns the kernels off for the rest of the process with one warning: the eager
 path gives the same bytes. On CUDA the eager path runs (triton's float division is not correctly rounded).
+
+Writing a kernel: keep it element-major ([n, n_groups], one contiguous row per element) with the loops unrolled;
+inductor's per-row reductions, ``&``/``|`` of comparison masks and masks converted to integers all come out many
+times slower than nested ``torch.where`` (``search.where_all``) and arithmetic (``levels >> 4``, not
+``levels >= 16``).
 """
 
 from __future__ import annotations
