@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,9 @@ def test_f32_of_float32_weights_is_a_read_only_view():
     assert np.shares_memory(data, w) and not data.flags.writeable
     with pytest.raises(ValueError):
         data[0, 0] = 1
+    with warnings.catch_warnings():  # reading it back raises no warning about its read-only memory
+        warnings.simplefilter("error")
+        assert np.array_equal(dequantize(data, "F32", w.shape), w)
     # any other input is converted first: the result is then its own memory
     w64 = w.astype(np.float64)
     assert not np.shares_memory(quantize(w64, "F32"), w64)

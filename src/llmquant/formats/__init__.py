@@ -9,6 +9,7 @@ Pure block math: nothing here knows of files, models or the command line.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -84,6 +85,16 @@ def quantize(weights, type_name: str, imatrix=None, chunk_rows: int | None = Non
     return out
 
 
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """torch.from_numpy, also of read-only arrays (F32's view of the weights, memory-mapped files): the
+    dequantizers only read, so torch's warning about writing to them does not apply."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def dequantize(data, type_name: str, shape: Sequence[int]):
     """ggml bytes → float32 weights of ``shape`` (numpy in, numpy out; torch in, torch out on the same device)."""
     fmt = get_format(type_name)
@@ -93,7 +104,7 @@ def dequantize(data, type_name: str, shape: Sequence[int]):
         raise ValueError(f"{fmt.name}: {n_elements} weights is not a multiple of the block size {fmt.block_size}")
     n_blocks = n_elements // fmt.block_size
     as_numpy = not isinstance(data, torch.Tensor)
-    raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).reshape(-1)) if as_numpy else data
+    raw = _read_only_tensor(np.ascontiguousarray(data).view(np.uint8).reshape(-1)) if as_numpy else data
     raw = raw.reshape(-1)
     if raw.dtype != torch.uint8:
         raise ValueError(f"{fmt.name}: expected uint8 data, got {raw.dtype}")
