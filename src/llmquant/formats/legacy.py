@@ -63,9 +63,14 @@ _SYM_FLT_MIN = 2.0**-126
 _SYM_HALF_BELOW = 0.49999997
 
 
-def _sym_scales_are_normal(scale: torch.Tensor) -> bool:
+def _sym_subnormal(scale: torch.Tensor) -> torch.Tensor:
+    """Which scales are nonzero denormals (in eager code and inside the fused kernels)."""
     magnitude = scale.abs()
-    return not bool(((magnitude > 0) & (magnitude < _SYM_FLT_MIN)).any())
+    return (magnitude > 0) & (magnitude < _SYM_FLT_MIN)
+
+
+def _sym_scales_are_normal(scale: torch.Tensor) -> bool:
+    return not bool(_sym_subnormal(scale).any())
 
 
 def _sym_reference_levels_fast(blocks: torch.Tensor, inverse: torch.Tensor, nmax: int) -> torch.Tensor:
@@ -125,21 +130,10 @@ def _sym_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple:
     ``d = max/-nmax``, levels truncating ``x/d + nmax + 0.5`` (capped at 2·nmax - 1), packed. Returns the
     scale, ``_fused_pack``'s qh and nibbles and whether any scale is subnormal (then the caller takes the exact
     path)."""
-    amax = torch.zeros_like(blocks[:, 0])
-    signed_max = torch.zeros_like(blocks[:, 0])
-    for i in range(32):  # ggml: `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`
-        magnitude = blocks[:, i].abs()
-        larger = magnitude > amax
-        amax = torch.where(larger, magnitude, amax)
-        signed_max = torch.where(larger, blocks[:, i], signed_max)
+    _, signed_max = search.first_largest_magnitude([blocks[:, i] for i in range(32)])
     scale = signed_max / torch.full_like(signed_max, float(-nmax))
-    nonzero = scale != 0
-    inverse = torch.where(nonzero, torch.ones_like(scale) / torch.where(nonzero, scale, torch.ones_like(scale)),
-                          torch.zeros_like(scale))
-    levels = (blocks * inverse[:, None] + (nmax + 0.5)).clamp(max=2 * nmax - 1).to(torch.int32)
-    magnitude = scale.abs()
-    subnormal = ((magnitude > 0) & (magnitude < _SYM_FLT_MIN)).any()
-    return scale, *_fused_pack(levels, fifth_bits=nmax == 16), subnormal
+    levels = (blocks * _sym_inverse_or_zero(scale)[:, None] + (nmax + 0.5)).clamp(max=2 * nmax - 1).to(torch.int32)
+    return scale, *_fused_pack(levels, fifth_bits=nmax == 16), _sym_subnormal(scale).any()
 
 
 def _fused_pack(levels: torch.Tensor, fifth_bits: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -336,10 +330,15 @@ def _aff_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
     return extreme
 
 
+def _aff_plain(scale: torch.Tensor) -> torch.Tensor:
+    """Which scales are zero or finite normal floats (in eager code and inside the fused kernel)."""
+    magnitude = scale.abs()
+    return (magnitude == 0) | ((magnitude >= _SYM_FLT_MIN) & (magnitude < float("inf")))
+
+
 def _aff_scales_are_plain(scale: torch.Tensor) -> bool:
     """Every scale zero or a finite normal float: then the truncating conversions need no C wrapping."""
-    magnitude = scale.abs()
-    return bool(((magnitude == 0) | ((magnitude >= _SYM_FLT_MIN) & (magnitude < float("inf")))).all())
+    return bool(_aff_plain(scale).all())
 
 
 def _aff_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple:
@@ -353,15 +352,10 @@ def _aff_reference_kernel(blocks: torch.Tensor, nmax: int) -> tuple:
         low = torch.where(blocks[:, i] < low, blocks[:, i], low)
         high = torch.where(blocks[:, i] > high, blocks[:, i], high)
     scale = (high - low) / torch.full_like(low, float(nmax))
-    nonzero = scale != 0
-    inverse = torch.where(nonzero, torch.ones_like(scale) / torch.where(nonzero, scale, torch.ones_like(scale)),
-                          torch.zeros_like(scale))
-    shifted = (blocks - low[:, None]) * inverse[:, None] + 0.5
+    shifted = (blocks - low[:, None]) * _sym_inverse_or_zero(scale)[:, None] + 0.5
     if nmax == 15:
         shifted = shifted.clamp(max=15)  # MIN(15, (int8_t)...)
-    magnitude = scale.abs()
-    plain = (magnitude == 0) | ((magnitude >= _SYM_FLT_MIN) & (magnitude < float("inf")))
-    return scale, low, *_fused_pack(shifted.to(torch.int32), fifth_bits=nmax == 31), plain.all()
+    return scale, low, *_fused_pack(shifted.to(torch.int32), fifth_bits=nmax == 31), _aff_plain(scale).all()
 
 
 def _aff_reference_fast(blocks: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, nmax: int) -> torch.Tensor:

@@ -171,19 +171,27 @@ def _signed_absmax_columns(x: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
     return _signed_absmax_from_extremes(x, xt.amax(dim=0), xt.amin(dim=0))
 
 
+def first_largest_magnitude(values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``if (ax > amax) { amax = ax; max = x[i]; }`` over ``values`` (one tensor per position, in order),
+    unrolled for the fused kernels: (amax, max) per group, the first of equal magnitudes winning; +0, +0 for an
+    all-zero group."""
+    amax = torch.zeros_like(values[0])
+    signed_max = torch.zeros_like(values[0])
+    for value in values:
+        magnitude = value.abs()
+        larger = magnitude > amax
+        amax = torch.where(larger, magnitude, amax)
+        signed_max = torch.where(larger, value, signed_max)
+    return amax, signed_max
+
+
 def _q3_start_kernel(xt: torch.Tensor, nmax: int) -> tuple[torch.Tensor, ...]:
     """make_q3_quants up to its passes for ``compiled`` (element-major, [n, n_groups]): the first value of
     largest magnitude, ``iscale = -nmax/max``, the rounded levels and the sums ``(w·x)·l`` and ``(w·l)·l`` from
     +0, w = x². Returns the levels (float), sumlx, suml2, iscale and which groups are all zero (1.0)."""
-    amax = torch.zeros_like(xt[0])
-    signed_max = torch.zeros_like(xt[0])
-    for i in range(xt.shape[0]):  # ggml: `if (ax > amax) { amax = ax; max = x[i]; }`
-        magnitude = xt[i].abs()
-        larger = magnitude > amax
-        amax = torch.where(larger, magnitude, amax)
-        signed_max = torch.where(larger, xt[i], signed_max)
+    amax, signed_max = first_largest_magnitude([xt[i] for i in range(xt.shape[0])])
     all_zero = amax < GROUP_MAX_EPS
-    inverse_scale = float(-nmax) / torch.where(all_zero, torch.ones_like(signed_max), signed_max)
+    inverse_scale = divide_scalar_by(float(-nmax), torch.where(all_zero, torch.ones_like(signed_max), signed_max))
     levels = []
     sumlx = torch.zeros_like(amax)
     suml2 = torch.zeros_like(amax)
@@ -291,14 +299,7 @@ def _qx_kernel(x: torch.Tensor, weights: torch.Tensor, numerators: torch.Tensor,
     left-to-right sums), so inductor fuses the search into one loop over groups. Returns the scale and the
     levels in [0, 2·nmax) as int32; all-zero groups give 0, 0."""
     n = x.shape[1]
-    # ggml: `if (ax > amax) { amax = ax; max = x[i]; }`
-    amax = torch.zeros_like(x[:, 0])
-    signed_max = torch.zeros_like(x[:, 0])
-    for i in range(n):
-        magnitude = x[:, i].abs()
-        larger = magnitude > amax
-        amax = torch.where(larger, magnitude, amax)
-        signed_max = torch.where(larger, x[:, i], signed_max)
+    amax, signed_max = first_largest_magnitude([x[:, i] for i in range(n)])
     all_zero = amax < GROUP_MAX_EPS
     safe_max = torch.where(all_zero, torch.ones_like(signed_max), signed_max)
     iscales = numerators[None, :] / safe_max[:, None]
