@@ -24,7 +24,7 @@ from llmquant.oracles.llama_quantize import llama_quantize
 from llmquant.pipeline.quantize import QUANTIZE_FILE_TYPES, quantize_model
 from llmquant.recipes import MixOptions
 from tests.gguf_fixtures import small_vocab_tokenizer_gguf
-from tests.recipes.conftest import TINY_LLAMA, write_tiny_llama_gguf
+from tests.recipes.conftest import TINY_LLAMA, TINY_MOE, write_tiny_llama_gguf
 
 SMOLLM2_TYPES = ["Q4_K_M", "Q2_K", "IQ4_XS"]  # every type runs on the tiny model; these on the real one
 
@@ -34,6 +34,14 @@ def tiny_gguf(test_cache: Path, smollm2_f32_gguf: Path) -> Path:
     """16 layers, hidden 256 (true k-quants everywhere), GQA 4, untied output, SmolLM2's first 512 tokens."""
     tokenizer = small_vocab_tokenizer_gguf(smollm2_f32_gguf, test_cache / "smollm2-tokenizer-512.gguf")
     config = dataclasses.replace(TINY_LLAMA, name="tiny-llama-v512")
+    return write_tiny_llama_gguf(config, tokenizer, test_cache / f"{config.name}.gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_gguf(test_cache: Path, smollm2_f32_gguf: Path) -> Path:
+    """8 layers of 8 experts each (stacked ffn_*_exps), SmolLM2's first 512 tokens."""
+    tokenizer = small_vocab_tokenizer_gguf(smollm2_f32_gguf, test_cache / "smollm2-tokenizer-512.gguf")
+    config = dataclasses.replace(TINY_MOE, name="tiny-moe-8x-v512")
     return write_tiny_llama_gguf(config, tokenizer, test_cache / f"{config.name}.gguf")
 
 
@@ -105,6 +113,18 @@ def test_smollm2_matches_llama_cpp(file_type, smollm2_f32_gguf, tmp_path):
     assert_same_as_llama_cpp(ours, theirs)
 
 
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "IQ4_XS"])
+def test_experts_in_small_parts_match_llama_cpp(file_type, tiny_moe_gguf, tmp_path, monkeypatch):
+    """Stacked expert tensors take one importance vector per expert; parts of 3 rows (of 256) cut experts and
+    tensors at every possible place, and the bytes are still llama.cpp's."""
+    from llmquant.pipeline import quantize as pipeline
+
+    monkeypatch.setattr(pipeline, "PART_WEIGHTS", 3 * 256)
+    ours, theirs = quantize_both(tiny_moe_gguf, tmp_path, file_type, random_imatrix(tiny_moe_gguf))
+    assert_same_as_llama_cpp(ours, theirs)
+    assert any(name.endswith("_exps.weight") for name in tensors_of(ours))
+
+
 @pytest.mark.parametrize("options", [
     MixOptions(pure=True),
     MixOptions(output_tensor_type="Q8_0", token_embedding_type="Q4_0"),
@@ -163,7 +183,7 @@ def test_an_error_midway_leaves_nothing_behind(tiny_gguf, tmp_path, monkeypatch)
     from llmquant.pipeline import quantize as pipeline
 
     calls = {"n": 0}
-    real = pipeline._encode
+    real = pipeline._encode_part
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -171,7 +191,7 @@ def test_an_error_midway_leaves_nothing_behind(tiny_gguf, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_encode", failing)
+    monkeypatch.setattr(pipeline, "_encode_part", failing)
     with pytest.raises(KeyboardInterrupt):
         quantize_model(tiny_gguf, tmp_path / "out.gguf", "Q4_K_M")
     assert list(tmp_path.iterdir()) == []

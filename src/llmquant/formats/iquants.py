@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from llmquant.formats import search
 from llmquant.formats.base import BlockFormat
 
 # kvalues_iq4nl (ggml-common.h): the 16 non-linear levels shared by IQ4_NL and IQ4_XS
@@ -50,14 +51,6 @@ def nearest_level_index(scaled: torch.Tensor) -> torch.Tensor:
     twice = (scaled * 2).nan_to_num_(nan=float(_TWICE_HIGH))  # in place: fresh large tensors cost page faults
     position = twice.clamp_(_TWICE_LOW, _TWICE_HIGH).floor_().sub_(_TWICE_LOW).to(torch.int32)
     return torch.index_select(index_table, 0, position.view(-1)).view(scaled.shape)
-
-
-def _sequential_sum(terms: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 one term after another in float32, as a C ``for`` loop accumulates."""
-    total = terms[0].clone()
-    for j in range(1, terms.shape[0]):
-        total.add_(terms[j])
-    return total
 
 
 def _sqrt_float32(values: torch.Tensor) -> torch.Tensor:
@@ -153,7 +146,7 @@ def _sub_block_weights(x: torch.Tensor, importance: torch.Tensor | None, super_b
     sigma2 = 2/super_block · Σx² over the super-block. ``x`` is ``[n_super, super_block]``."""
     if importance is None:
         return x * x
-    sigma2 = _sequential_sum((x * x).t().contiguous()) * (2.0 / super_block)
+    sigma2 = search.sequential_sum_rows((x * x).t(), from_zero=False) * (2.0 / super_block)
     return importance * _sqrt_float32(sigma2[:, None] + x * x)
 
 

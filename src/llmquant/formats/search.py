@@ -6,6 +6,7 @@ Two helpers write this file at once: each keeps to its own section (edit with sm
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from llmquant.formats import compiled
@@ -40,14 +41,24 @@ def sqrt_f32(values: torch.Tensor) -> torch.Tensor:
 def sequential_sum(terms: torch.Tensor) -> torch.Tensor:
     """Sum ``[n_groups, n]`` along n left to right in float32, as ggml's scalar loops accumulate
     (torch's reductions add pairwise, which differs in the last bit and flips near-ties)."""
-    return sequential_sum_rows(terms.t().contiguous())
+    return sequential_sum_rows(terms.t())
 
 
-def sequential_sum_rows(terms: torch.Tensor) -> torch.Tensor:
-    """Sum ``[n, ...]`` over its first dim left to right in float32, from +0 as ggml's loops start
-    (element-major: each step adds one contiguous row, in place)."""
-    total = torch.zeros_like(terms[0])
-    for row in terms:
+def sequential_sum_rows(terms: torch.Tensor, from_zero: bool = True) -> torch.Tensor:
+    """Sum ``[n, ...]`` over its first dim left to right in float32 (element-major: each step adds one row),
+    from +0 as ggml's loops start, or from the first row (``from_zero=False``; they differ only in that
+    -0 alone stays -0).
+
+    On the CPU this is one numpy reduction over axis 0 of a C-contiguous array, which numpy runs as exactly
+    that loop (row after row into one accumulator; its pairwise summation is only for the contiguous axis), in
+    C and without the GIL; elsewhere one in-place add per row."""
+    if terms.device.type == "cpu" and terms.dtype == torch.float32 and terms.dim() >= 2 and terms.shape[0] > 1:
+        rows = np.ascontiguousarray(terms.detach().numpy())  # contiguity is what makes numpy's order sequential
+        flat = rows.reshape(rows.shape[0], -1)
+        total = np.add.reduce(flat, axis=0, initial=0.0) if from_zero else np.add.reduce(flat, axis=0)
+        return torch.from_numpy(total.reshape(rows.shape[1:]))
+    total = torch.zeros_like(terms[0]) if from_zero else terms[0].clone()
+    for row in terms if from_zero else terms[1:]:
         total.add_(row)
     return total
 
@@ -460,19 +471,12 @@ def _mm_first_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
 
 def _mm_sequential_sum(terms: torch.Tensor) -> torch.Tensor:
     """Sum ``[n_groups, n]`` over n in float32, first term to last, as ggml's scalar loops do."""
-    columns = terms.t().contiguous()
-    total = columns[0].clone()
-    for column in columns[1:]:
-        total = total + column
-    return total
+    return sequential_sum_rows(terms.t(), from_zero=False)
 
 
 def _mm_sequential_sum_rows(terms: torch.Tensor) -> torch.Tensor:
     """Sum ``[n, ...]`` over its first dim in float32, first row to last (element-major layout)."""
-    total = terms[0].clone()
-    for row in terms[1:]:
-        total.add_(row)
-    return total
+    return sequential_sum_rows(terms, from_zero=False)
 
 
 def _mm_fit(sum_w: torch.Tensor, sum_x: torch.Tensor, sum_l: torch.Tensor, sum_l2: torch.Tensor,

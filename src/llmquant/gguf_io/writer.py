@@ -1,8 +1,9 @@
 """Writing a GGUF one tensor at a time on top of ``gguf.GGUFWriter``, complete or not at all.
 
 The header, metadata and tensor table are written first from declared shapes and types; then each tensor's
-bytes follow in the declared order, so only one tensor needs to be in memory. The file is written under a
-temporary name beside the target and renamed when the last tensor is in; any error removes it.
+bytes follow in the declared order, whole or in consecutive parts, so only a part of one tensor needs to be in
+memory. Metadata values read from another GGUF can be copied as their encoded bytes (``add_raw``). The file is
+written under a temporary name beside the target and renamed when the last tensor is in; any error removes it.
 """
 
 from __future__ import annotations
@@ -32,12 +33,18 @@ _NUMPY_ITEM_TYPES = {
 }
 
 
+class _Encoded(bytes):
+    """A metadata value already encoded as GGUF stores it (its type, then the value)."""
+
+
 class _GGUFWriter(gguf.GGUFWriter):
     """GGUFWriter with the same bytes, packing long arrays (a vocabulary's tokens and merges) in one go
-    instead of one Python call per item."""
+    instead of one Python call per item, and writing already-encoded values as they are."""
 
     def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool,
                   sub_type: gguf.GGUFValueType | None = None) -> bytes:
+        if isinstance(val, _Encoded):
+            return bytes(val) if add_vtype else bytes(val)[4:]
         if vtype != gguf.GGUFValueType.ARRAY or sub_type is None or not isinstance(val, (list, tuple)) or not val:
             return super()._pack_val(val, vtype, add_vtype, sub_type)
         head = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", sub_type, len(val))
@@ -61,6 +68,7 @@ class StreamingGGUFWriter:
         self.writer = _GGUFWriter(self.tmp_path, arch)
         self._declared: list[tuple[str, int]] = []
         self._next = 0
+        self._written = 0  # bytes of the current tensor written so far
 
     def __enter__(self) -> StreamingGGUFWriter:
         return self
@@ -72,6 +80,14 @@ class StreamingGGUFWriter:
     def add(self, key: str, value: Any) -> None:
         """One metadata value through GGUFWriter's ``add_<key>`` (which prefixes architecture keys)."""
         getattr(self.writer, f"add_{key}")(value)
+
+    def add_raw(self, key: str, encoded: bytes) -> None:
+        """One metadata value as another GGUF encodes it (``GGUFHeader.raw_values``): its 4-byte type, then the
+        value. Copied verbatim, so a 50k-token vocabulary costs one bytes copy."""
+        if len(encoded) < 4:
+            raise ValueError(f"{key}: an encoded GGUF value starts with its 4-byte type")
+        vtype = gguf.GGUFValueType(int.from_bytes(encoded[:4], "little"))
+        self.writer.add_key_value(key, _Encoded(encoded), vtype)
 
     def declare(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> None:
         nbytes = tensor_nbytes(shape, qtype)
@@ -85,12 +101,22 @@ class StreamingGGUFWriter:
         self.writer.write_ti_data_to_file()
 
     def write(self, name: str, data: np.ndarray) -> None:
+        """The next declared tensor's bytes, whole or the next part of them (parts in order, any sizes)."""
+        if self._next >= len(self._declared):
+            raise RuntimeError(f"tensor {name} written after all {len(self._declared)} declared tensors")
         expected_name, nbytes = self._declared[self._next]
-        if name != expected_name or data.nbytes != nbytes:
-            raise RuntimeError(f"tensor {name} ({data.nbytes} bytes) written where {expected_name} ({nbytes} bytes) "
-                               "was declared")
-        self.writer.write_tensor_data(np.ascontiguousarray(data))
-        self._next += 1
+        if name != expected_name or self._written + data.nbytes > nbytes:
+            raise RuntimeError(f"tensor {name} ({self._written} + {data.nbytes} bytes) written where {expected_name} "
+                               f"({nbytes} bytes) was declared")
+        fout = self.writer.fout[0]
+        if self._written == 0:  # the data section and every tensor start aligned
+            self.writer.write_padding(fout, fout.tell())
+        fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        self._written += data.nbytes
+        if self._written == nbytes:
+            self.writer.write_padding(fout, nbytes)
+            self._next += 1
+            self._written = 0
 
     def finish(self) -> Path:
         if self._next != len(self._declared):

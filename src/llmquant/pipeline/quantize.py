@@ -9,14 +9,13 @@ the file has the same tensor types, layout and size as ``llama-quantize``'s.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,13 +139,12 @@ def _n_dims(shape: Sequence[int]) -> int:
 
 def _copy_metadata(writer: StreamingGGUFWriter, source: GGUFSource, ft: FileType) -> None:
     """The input's KV pairs as llama-quantize copies them, with the quantization version and file type set."""
-    for key, value in source.metadata.items():
+    for key in source.metadata:
         if key == "general.architecture" or key in _DROPPED_KEYS:
             continue
         if key in ("general.quantization_version", "general.file_type"):
             continue
-        main, sub = source.header.value_types[key]
-        writer.writer.add_key_value(key, value, main, sub_type=sub)
+        writer.add_raw(key, source.header.raw_values[key])
     writer.writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
     writer.writer.add_uint32("general.file_type", ft.ftype)
 
@@ -165,33 +163,58 @@ def _importance_for(name: str, shape: tuple[int, ...], imatrix: Mapping[str, np.
     return vec.reshape(n_expert, n_per_row)
 
 
-def _encode(values: np.ndarray, type_name: str, importance: np.ndarray | None, device: torch.device,
-            pool: ThreadPoolExecutor | None = None, threads: int = 1) -> np.ndarray:
-    """float32 weights (numpy order, row length last) → the bytes of ``type_name``.
+# a tensor is quantized in parts of about this many weights: big enough that the per-call costs vanish, small
+# enough that the workers share even one big tensor and the parts in flight stay small
+PART_WEIGHTS = 1 << 21
 
-    On the CPU the rows are split among the ``pool``'s workers, each running torch single-threaded: the block
-    math is many small element-wise ops, which torch's own intra-op threads slow down rather than speed up.
-    """
-    n_per_row = values.shape[-1]
-    matrices = values.reshape(-1, values.shape[-2] if values.ndim > 1 else 1, n_per_row)
-    if importance is None or values.ndim <= 2:
-        matrices = values.reshape(1, -1, n_per_row)
+
+@dataclass(frozen=True)
+class _Part:
+    """Rows [start, stop) of one tensor (of one expert's matrix when ``importance`` is per expert)."""
+
+    name: str
+    start: int
+    stop: int
+    n_per_row: int
+    src_type: str
+    type_name: str
+    importance: np.ndarray | None
+
+    @property
+    def n_weights(self) -> int:
+        return (self.stop - self.start) * self.n_per_row
+
+
+def _parts(name: str, shape: tuple[int, ...], src_type: str, type_name: str,
+           importance: np.ndarray | None) -> list[_Part]:
+    """The tensor's rows in parts of about PART_WEIGHTS weights, none crossing from one expert to the next (each
+    takes its expert's importance vector, as llama.cpp slices it)."""
+    n_per_row = int(shape[0])
+    rows = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    n_matrices = importance.shape[0] if importance is not None else 1
+    rows_per_matrix = rows // n_matrices
+    step = max(1, PART_WEIGHTS // n_per_row)
     parts = []
-    for e, matrix in enumerate(matrices):  # one importance vector per expert, as llama.cpp slices it
-        vector = None if importance is None else importance[e if importance.shape[0] > 1 else 0]
-        parts.append(_encode_rows(matrix, type_name, vector, device, pool, threads))
-    return np.concatenate(parts, axis=0)
+    for e in range(n_matrices):
+        vector = None if importance is None else importance[e]
+        first = e * rows_per_matrix
+        for start in range(first, first + rows_per_matrix, step):
+            stop = min(start + step, first + rows_per_matrix)
+            parts.append(_Part(name, start, stop, n_per_row, src_type, type_name, vector))
+    return parts
 
 
-def _encode_rows(rows: np.ndarray, type_name: str, importance: np.ndarray | None, device: torch.device,
-                 pool: ThreadPoolExecutor | None, threads: int) -> np.ndarray:
-    if pool is None or device.type != "cpu" or threads <= 1 or rows.shape[0] < 2 * threads:
-        return quantize(torch.from_numpy(rows).to(device), type_name, imatrix=importance)
-    bounds = np.linspace(0, rows.shape[0], threads + 1).astype(int)
-    # torch releases the GIL inside its ops
-    parts = list(pool.map(lambda i: quantize(torch.from_numpy(rows[bounds[i]:bounds[i + 1]]), type_name,
-                                             imatrix=importance), range(threads)))
-    return np.concatenate(parts, axis=0)
+def _encode_part(raw: np.ndarray, part: _Part, device: torch.device) -> np.ndarray:
+    """One part's rows of the source tensor's bytes → the bytes of ``part.type_name``."""
+    row_bytes = part.n_per_row * FORMATS[part.src_type].bytes_per_block
+    rows = part.stop - part.start
+    values = dequantize(raw[part.start * row_bytes:part.stop * row_bytes], part.src_type, (rows, part.n_per_row))
+    return quantize(torch.from_numpy(values).to(device), part.type_name, imatrix=part.importance)
+
+
+def _set_torch_threads_to_one() -> None:
+    # OpenMP's thread count is per thread: each worker sets its own
+    torch.set_num_threads(1)
 
 
 def quantize_gguf(
@@ -220,40 +243,58 @@ def quantize_gguf(
     if missing:
         raise InputError(f"{ft.name}: tensor type {missing[0]} is not implemented in llmquant.formats yet")
     dev = torch.device(device)
-    n_threads = threads or os.cpu_count() or 1
+    # CPU: each worker quantizes whole parts with torch single-threaded (the block math is many small element-wise
+    # ops, which torch's own intra-op threads slow down rather than speed up); CUDA: one worker feeds the GPU
+    n_workers = (threads or os.cpu_count() or 1) if dev.type == "cpu" else 1
     arch = str(source.metadata["general.architecture"])
     unweighted: list[str] = []
-    n_weights = 0
+    n_weights = sum(source.tensor(name).n_elements for name in plan.types)
     tensor_bytes = 0
     n_to_quantize = sum(source.tensor(name).n_elements for name, type_name in plan.types.items()
                         if type_name != source.tensor(name).type_name)
-    with (StreamingGGUFWriter(output, arch) as writer, _torch_threads(1 if dev.type == "cpu" else None),
-          ThreadPoolExecutor(max_workers=n_threads) as pool, compiled.use_compiled(compiled.worth_it(n_to_quantize))):
+    with (StreamingGGUFWriter(output, arch) as writer,
+          ThreadPoolExecutor(max_workers=n_workers, initializer=_set_torch_threads_to_one) as pool,
+          compiled.use_compiled(compiled.worth_it(n_to_quantize))):
         for name, type_name in plan.types.items():
             numpy_shape = tuple(reversed(source.tensor(name).shape))
             writer.declare(name, numpy_shape, GGMLQuantizationType[type_name])
         _copy_metadata(writer, source, ft)
         writer.begin()
-        bar = _progress_bar(len(plan.types), f"{ft.name}", progress)
+        bar = _progress_bar(n_weights, ft.name, progress)
+        # parts are quantized in order by the workers, a few ahead of the one being written (memory stays bounded)
+        in_flight: deque[tuple[str, int, Future]] = deque()
+
+        def write_oldest() -> None:
+            nonlocal tensor_bytes
+            part_name, part_weights, future = in_flight.popleft()
+            data = future.result()
+            writer.write(part_name, data)
+            tensor_bytes += data.nbytes
+            bar.set_postfix_str(part_name, refresh=False)
+            bar.update(part_weights)
+
         try:
             for name, type_name in plan.types.items():
                 t = source.tensor(name)
-                shape, src_type, n = t.shape, t.type_name, t.n_elements
-                numpy_shape = tuple(reversed(shape))
                 raw = np.asarray(source.tensor_bytes(name))  # a plain view: slices of a memmap cost more
-                if type_name == src_type:
-                    data = raw  # kept as it is: copied byte for byte
+                if type_name == t.type_name:  # kept as it is: copied byte for byte
+                    done: Future = Future()
+                    done.set_result(raw)
+                    in_flight.append((name, t.n_elements, done))
                 else:
-                    values = dequantize(raw, src_type, numpy_shape)
-                    importance = _importance_for(name, shape, imatrix)
+                    importance = _importance_for(name, t.shape, imatrix)
                     if imatrix is not None and importance is None and FORMATS[type_name].block_size > 1:
                         unweighted.append(name)
-                    data = _encode(values, type_name, importance, dev, pool, n_threads)
-                writer.write(name, data)
-                n_weights += n
-                tensor_bytes += data.nbytes
-                bar.set_postfix_str(f"{name} → {type_name}", refresh=False)
-                bar.update(1)
+                    for part in _parts(name, t.shape, t.type_name, type_name, importance):
+                        in_flight.append((name, part.n_weights, pool.submit(_encode_part, raw, part, dev)))
+                while len(in_flight) > 2 * n_workers:
+                    write_oldest()
+            while in_flight:
+                write_oldest()
+        except BaseException:
+            for _, _, future in in_flight:
+                future.cancel()
+            raise
         finally:
             bar.close()
         path = writer.finish()
@@ -271,22 +312,10 @@ def quantize_gguf(
     )
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    """Run with torch's intra-op threads set to ``n`` (unchanged for None), restoring them afterwards."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="tensor", desc=desc, disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, unit="weight", unit_scale=True, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
