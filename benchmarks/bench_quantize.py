@@ -54,6 +54,8 @@ def main() -> None:
         for file_type in args.types.split(","):
             times = []
             for _ in range(2):
+                # a fresh path each run, as llama.cpp's: renaming over the last file would also pay for deleting it
+                (tmp_path / f"ours-{file_type}.gguf").unlink(missing_ok=True)
                 start = time.perf_counter()
                 ours = quantize_model(model, tmp_path / f"ours-{file_type}.gguf", file_type, imatrix_file=imatrix_file,
                                       threads=args.threads)[0].path

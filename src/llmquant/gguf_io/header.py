@@ -10,10 +10,12 @@ offset and byte size let a caller map its data directly (``tensor_data``), check
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +46,64 @@ class HeaderTensor:
 class GGUFHeader:
     path: Path
     version: int
-    metadata: dict[str, Any]  # arrays of numbers as lists, arrays of strings as lists of str
+    metadata: dict[str, Any]  # arrays of numbers as lists, arrays of strings as StringArray (a lazy list of str)
     tensors: list[HeaderTensor]
     # each key's value type, and for arrays the item type: what GGUFWriter.add_key_value needs to copy it
     value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]]
     file_size: int = 0
+    # each key's value as the file encodes it (type, then value): copied verbatim into a new file, a vocabulary
+    # needs no re-encoding
+    raw_values: dict[str, bytes] = field(default_factory=dict)
 
     def tensor_data(self, tensor: HeaderTensor) -> np.ndarray:
-        """The tensor's bytes as a copy-on-write uint8 memory map: nothing is read until used, and writes stay
-        in memory (the file is never changed)."""
-        return np.memmap(self.path, dtype=np.uint8, mode="c", offset=tensor.offset, shape=(tensor.n_bytes,))
+        """The tensor's bytes as a view of a copy-on-write memory map of the file: nothing is read until used,
+        and writes stay in memory (the file is never changed)."""
+        return np.frombuffer(self._file_map, dtype=np.uint8, count=tensor.n_bytes, offset=tensor.offset)
+
+    @functools.cached_property
+    def _file_map(self) -> mmap.mmap:
+        # one map for every tensor (a numpy memmap per tensor costs a path lookup, an open and a map each)
+        with open(self.path, "rb") as file:
+            return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+class StringArray(Sequence):
+    """A GGUF array of strings (a vocabulary), decoded to ``str`` only when first read: copying a file's
+    metadata never needs the 50k strings themselves. Compares equal to a list of the same strings."""
+
+    def __init__(self, encoded: bytes, count: int) -> None:
+        self._encoded = encoded  # count × (u64 length, utf-8 bytes)
+        self._count = count
+
+    @functools.cached_property
+    def _items(self) -> list[str]:
+        encoded, pos = self._encoded, 0
+        read_length = struct.Struct("<Q").unpack_from
+        items = []
+        for _ in range(self._count):
+            (length,) = read_length(encoded, pos)
+            items.append(encoded[pos + 8:pos + 8 + length].decode("utf-8", errors="replace"))
+            pos += 8 + length
+        return items
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):  # noqa: ANN001 - int or slice, as list's
+        return self._items[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StringArray):
+            return self._items == other._items
+        return isinstance(other, Sequence) and not isinstance(other, (str, bytes)) and self._items == list(other)
+
+    __hash__ = None  # mutable-sequence semantics, as list
+
+    def __repr__(self) -> str:
+        return f"StringArray({self._count} strings)"
 
 
 class _Cursor:
@@ -78,23 +128,21 @@ class _Cursor:
         self.pos += length
         return raw.decode("utf-8", errors="replace")
 
-    def strings(self, count: int) -> list[str]:
-        """``count`` strings in a row (a vocabulary): one tight loop, bounds checked once at the end."""
-        buffer, pos, size = self.buffer, self.pos, len(self.buffer)
+    def strings(self, count: int) -> StringArray:
+        """``count`` strings in a row (a vocabulary): one tight loop over their lengths, bounds checked once at
+        the end; the strings are decoded when first read."""
+        buffer, start, size = self.buffer, self.pos, len(self.buffer)
         read_length = struct.Struct("<Q").unpack_from
-        items = []
+        pos = start
         try:
             for _ in range(count):
-                (length,) = read_length(buffer, pos)
-                pos += 8
-                items.append(buffer[pos:pos + length].decode("utf-8", errors="replace"))
-                pos += length
+                pos += 8 + read_length(buffer, pos)[0]
         except struct.error:
             pos = size + 1
         if pos > size:
             raise InputError(f"{self.path}: GGUF header is truncated at byte {self.pos}")
         self.pos = pos
-        return items
+        return StringArray(buffer[start:pos], count)
 
     def value(self, value_type: int) -> Any:
         if value_type == _STRING:
@@ -143,14 +191,17 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
             n_tensors, n_kv = cursor.take("Q"), cursor.take("Q")
             metadata = {}
             value_types = {}
+            raw_values = {}
             for _ in range(n_kv):
                 key = cursor.string()
+                value_start = cursor.pos
                 value_type = cursor.take("I")
                 item_type = None
                 if value_type == _ARRAY:  # peek at the item type; value() reads it again
                     item_type = GGUFValueType(struct.unpack_from("<I", buffer, cursor.pos)[0])
                 metadata[key] = cursor.value(value_type)
                 value_types[key] = (GGUFValueType(value_type), item_type)
+                raw_values[key] = buffer[value_start:cursor.pos]
             table = []
             for _ in range(n_tensors):
                 name = cursor.string()
@@ -170,7 +221,7 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
     except (OSError, ValueError) as error:  # missing, unreadable or empty (mmap refuses empty files)
         raise InputError(f"{path}: cannot read GGUF header: {error}") from error
     return GGUFHeader(path=path, version=version, metadata=metadata, tensors=tensors, value_types=value_types,
-                      file_size=file_size)
+                      file_size=file_size, raw_values=raw_values)
 
 
-__all__ = ["GGUFHeader", "HeaderTensor", "read_gguf_header"]
+__all__ = ["GGUFHeader", "HeaderTensor", "StringArray", "read_gguf_header"]
