@@ -88,6 +88,10 @@ def _compiled(fn: Callable, key: object) -> Callable:
     del key  # one wrapper per (kernel, constant arguments)
     # each format's constants (nmax, group size) are one more specialization of the same code: room for all
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        # compile in this process: starting inductor's pool of compile workers costs ~2.5 s per process, more
+        # than it saves on a few small kernels (and nothing once they are in the disk cache)
+        torch._inductor.config.compile_threads = 1
     return torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
 
 
