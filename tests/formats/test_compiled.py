@@ -20,6 +20,8 @@ FUSED = ["Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 def test_compiled_and_eager_paths_both_give_ggmls_bytes(type_name: str, with_imatrix: bool):
     w = heavy_tailed(96, 512, seed=71)
     w[3, :64] = 0.0  # all-zero blocks and sub-blocks take the kernels' special case
+    w[5, 256:] = 0.0  # and a whole all-zero super-block (k-quants write its scales as zero)
+    w[6, :256] *= 1e-30  # one of tiny values, whose scales underflow in fp16
     imatrix = random_imatrix(512, seed=72) if with_imatrix else None
     expected = ggml_quantize(w, type_name, imatrix)
     with compiled.use_compiled(True):

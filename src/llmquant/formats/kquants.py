@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from llmquant.formats import search
+from llmquant.formats import compiled, search
 from llmquant.formats.base import BlockFormat
 
 # ==== symmetric: Q3_K, Q6_K ====
@@ -109,6 +109,13 @@ class Q3_K(BlockFormat):
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         n_blocks = blocks.shape[0]
         x = blocks.reshape(-1, 16)
+        if importance is None and compiled.enabled(blocks):
+            scales, levels = search.make_q3_quants(x, 4, do_rmse=True)
+            fused = compiled.run(_q3_k_reference_finish_kernel, (), blocks.contiguous(), scales.reshape(n_blocks, 16),
+                                 levels.reshape(n_blocks, 256))
+            if fused is not None:
+                hmask, qs, packed_scales, super_scale = fused
+                return torch.cat([hmask, qs, packed_scales, super_scale.view(torch.uint8).reshape(n_blocks, 2)], dim=1)
         if importance is None:
             super_scale, sub_scales, levels = self._reference_scales(x, n_blocks)
         else:
@@ -193,6 +200,41 @@ class Q3_K(BlockFormat):
         # a clear high bit means 4 below: ggml's `q - (hm & m ? 0 : 4)`
         q = (low - 4 * (1 - high)).reshape(-1, 16, 16).to(torch.float32)
         return ((d[:, None] * sub_scales)[:, :, None] * q).reshape(-1, 256)
+
+
+def _q3_k_reference_finish_kernel(blocks: torch.Tensor, scales: torch.Tensor, levels: torch.Tensor) -> tuple:
+    """Q3_K's reference path after make_q3_quants, fused by ``compiled``: the same float32 steps as
+    ``Q3_K._reference_scales``, ``_sym_requantize`` and the packing in ``quantize_blocks``, per super-block
+    (``blocks`` [n, 256], ``scales`` [n, 16], ``levels`` [n, 256] in [0, 8)). Returns hmask [n, 32], qs [n, 64],
+    the packed 6-bit scales [n, 12] (uint8) and d [n] (float16)."""
+    _, max_scale = search.first_largest_magnitude([scales[:, j] for j in range(16)])
+    nonzero = max_scale != 0
+    inverse_scale = search.divide_scalar_by(-32.0, torch.where(nonzero, max_scale, torch.ones_like(max_scale)))
+    sub_scales = search.nearest_int(inverse_scale[:, None] * scales).clamp(-32, 31) + 32
+    sub_scales = torch.where(nonzero[:, None], sub_scales, torch.zeros_like(sub_scales))
+    d = torch.where(nonzero, search.divide_scalar_by(1.0, inverse_scale), torch.zeros_like(max_scale))
+    d_half = d.to(torch.float16)
+    sub_block_scales = d_half.to(torch.float32)[:, None] * (sub_scales - 32).to(torch.float32)  # [n, 16]
+    # _sym_requantize: each sub-block rounded again with its stored scale; a zero scale keeps the levels
+    has_scale = sub_block_scales != 0
+    divisor = torch.where(has_scale, sub_block_scales, torch.ones_like(sub_block_scales))
+    x = blocks.reshape(-1, 16, 16)
+    requantized = search.nearest_int(x / divisor[:, :, None]).clamp(-4, 3) + 4
+    final = torch.where(has_scale[:, :, None], requantized, levels.reshape(-1, 16, 16)).reshape(-1, 256)
+    # hmask byte m, bit b: the high bit of value 32·b + m
+    hmask = final[:, 0:32] >> 2
+    for b in range(1, 8):
+        hmask = hmask | ((final[:, 32 * b:32 * b + 32] >> 2) << b)
+    # qs: in each 128-value half, byte m holds values m, m+32, m+64, m+96 (2 bits each)
+    low = final & 3
+    qs = torch.cat([low[:, h:h + 32] | (low[:, h + 32:h + 64] << 2) | (low[:, h + 64:h + 96] << 4)
+                    | (low[:, h + 96:h + 128] << 6) for h in (0, 128)], dim=1)
+    scale_low = sub_scales & 0xF
+    scale_high = sub_scales >> 4
+    packed_scales = torch.cat([scale_low[:, :8] | (scale_low[:, 8:] << 4),
+                               scale_high[:, 0:4] | (scale_high[:, 4:8] << 2) | (scale_high[:, 8:12] << 4)
+                               | (scale_high[:, 12:16] << 6)], dim=1)
+    return hmask.to(torch.uint8), qs.to(torch.uint8), packed_scales.to(torch.uint8), d_half
 
 
 # ==== end of symmetric ====
