@@ -9,7 +9,7 @@ import pytest
 from gguf import GGUFReader
 
 from llmquant.errors import InputError
-from llmquant.gguf_io.header import read_gguf_header
+from llmquant.gguf_io.header import StringArray, read_gguf_header
 
 
 def test_header_matches_gguf_reader(smollm2_f32_gguf: Path) -> None:
@@ -66,3 +66,13 @@ def test_header_cut_inside_the_vocabulary_is_a_clear_error(smollm2_f32_gguf: Pat
         path.write_bytes(src.read(300_000))  # inside tokenizer.ggml.tokens / merges
     with pytest.raises(InputError, match="truncated"):
         read_gguf_header(path)
+
+
+def test_vocabulary_is_decoded_only_when_read(smollm2_f32_gguf: Path) -> None:
+    header = read_gguf_header(smollm2_f32_gguf)
+    tokens = header.metadata["tokenizer.ggml.tokens"]
+    assert isinstance(tokens, StringArray)
+    assert "_items" not in vars(tokens)  # nothing decoded by reading the header
+    expected = GGUFReader(smollm2_f32_gguf, "r").fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == len(expected)
+    assert tokens[5] == expected[5] and tokens[-3:] == expected[-3:] and list(tokens) == expected
