@@ -109,15 +109,15 @@ class Q3_K(BlockFormat):
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         n_blocks = blocks.shape[0]
         x = blocks.reshape(-1, 16)
-        if importance is None and compiled.enabled(blocks):
-            scales, levels = search.make_q3_quants(x, 4, do_rmse=True)
-            fused = compiled.run(_q3_k_reference_finish_kernel, (), blocks.contiguous(), scales.reshape(n_blocks, 16),
-                                 levels.reshape(n_blocks, 256))
-            if fused is not None:
-                hmask, qs, packed_scales, super_scale = fused
-                return torch.cat([hmask, qs, packed_scales, super_scale.view(torch.uint8).reshape(n_blocks, 2)], dim=1)
         if importance is None:
-            super_scale, sub_scales, levels = self._reference_scales(x, n_blocks)
+            scales, levels = search.make_q3_quants(x, 4, do_rmse=True)
+            if compiled.enabled(blocks):
+                fused = compiled.run(_q3_k_reference_finish_kernel, (), blocks.contiguous(),
+                                     scales.reshape(n_blocks, 16), levels.reshape(n_blocks, 256))
+                if fused is not None:
+                    hmask, qs, packed_scales, d_half = fused
+                    return torch.cat([hmask, qs, packed_scales, d_half.view(torch.uint8).reshape(n_blocks, 2)], dim=1)
+            super_scale, sub_scales = self._reference_scales(scales, n_blocks)
         else:
             super_scale, sub_scales, levels = self._weighted_scales(blocks, x, importance)
         # sub-block scales are stored with an offset of 32; the final rounding uses them as stored
@@ -149,10 +149,9 @@ class Q3_K(BlockFormat):
         )
 
     @staticmethod
-    def _reference_scales(x: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ggml's quantize_row_q3_K_ref: make_q3_quants per sub-block, then the sub-block scales rounded
-        against the one of largest magnitude mapped to -32."""
-        scales, levels = search.make_q3_quants(x, 4, do_rmse=True)
+    def _reference_scales(scales: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ggml's quantize_row_q3_K_ref after make_q3_quants: the sub-block scales rounded against the one of
+        largest magnitude mapped to -32. Returns d (fp16 bytes) and the stored 6-bit scales."""
         scales = scales.reshape(n_blocks, 16)
         max_scale = search.signed_absmax(scales)
         nonzero = max_scale != 0
@@ -162,7 +161,7 @@ class Q3_K(BlockFormat):
         # with every scale zero ggml leaves the scale bytes zero and writes d = 0
         sub_scales = torch.where(nonzero[:, None], sub_scales, torch.zeros_like(sub_scales))
         d = torch.where(nonzero, search.divide_scalar_by(1.0, inverse_scale), torch.zeros_like(max_scale))
-        return _sym_fp16_bytes(d), sub_scales, levels
+        return _sym_fp16_bytes(d), sub_scales
 
     @staticmethod
     def _weighted_scales(
