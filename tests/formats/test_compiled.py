@@ -3,6 +3,8 @@ be built falls back to eager with one warning and the same bytes."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -54,13 +56,11 @@ def test_q3_k_passes_run_on_the_groups_still_moving(use_kernels: bool, monkeypat
 
 
 def test_a_kernel_that_cannot_compile_falls_back_to_eager(monkeypatch):
-    def broken_compile(fn, key):
-        def kernel(*args):
-            raise RuntimeError("no C++ compiler")
-        return kernel
+    def broken_compile(kernel, args):
+        raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(compiled, "_compiled", broken_compile)
-    monkeypatch.setattr(compiled, "_ready", set())
+    monkeypatch.setattr(compiled, "_load_or_compile", broken_compile)
+    monkeypatch.setattr(compiled, "_kernel", functools.cache(compiled._Kernel))  # none loaded in this process yet
     monkeypatch.setitem(compiled._state, "broken", False)
     monkeypatch.setitem(compiled._state, "enabled", True)
     w = heavy_tailed(64, 256, seed=73)
