@@ -92,9 +92,7 @@ def save(fn: Callable, constants: tuple, variant) -> None:
         return
     stem = _stem(fn, constants)
     try:
-        if not where.is_dir():
-            where.mkdir(parents=True, mode=0o700)
-            _prune(where.parent, keep=where)
+        _make(where)
         if len(list(where.glob(f"{stem}-*.aot"))) >= MAX_VARIANTS:
             return
         variant.save_compiled_function(str(where / f"{stem}-{uuid.uuid4().hex[:12]}.aot"))
@@ -142,12 +140,19 @@ def record_vec_isa_probe() -> None:
         from torch._inductor import cpu_vec_isa
 
         passed = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
-        where.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make(where)
         temporary = where / f".{_VEC_ISA_RECORD}.{uuid.uuid4().hex[:8]}"
         temporary.write_text(json.dumps(passed))
         os.replace(temporary, where / _VEC_ISA_RECORD)
     except Exception:
         return
+
+
+def _make(where: Path) -> None:
+    """Create this code's kernel folder on first use, pruning the oldest of the others."""
+    if not where.is_dir():
+        where.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _prune(where.parent, keep=where)
 
 
 def _prune(kernels: Path, keep: Path) -> None:
