@@ -46,8 +46,9 @@ def main() -> None:
                              "the fused kernels' per-process start is spread over a realistic job "
                              "(default: SmolLM2-135M as F32)")
     parser.add_argument("--compile", choices=["on", "off", "auto"], default="on",
-                        help="our fused CPU kernels: on (default here), off (eager), or auto (on for models of "
-                             "1e9+ weights only, as the CLI does)")
+                        help="our fused CPU kernels: on (default here: compiled where llmquant's kernel cache "
+                             "lacks them), off (eager), or auto (as the CLI does: cached kernels run, missing ones "
+                             "are compiled for models of 1e9+ weights only, else those calls run eager)")
     parser.add_argument("--fresh", action="store_true",
                         help="run each type's two runs of ours in a new process, as the CLI does (default: all in "
                              "this one, so only the first type pays for loading the kernels)")
@@ -65,11 +66,11 @@ def main() -> None:
           f"fused kernels {args.compile}")
     if args.fresh:
         print("ours 1st: the type's first run, in a new process (timed around quantize_model: it loads the fused")
-        print("kernels from llmquant's kernel cache, or traces them where the cache lacks them); ours: the same job")
-        print("again in that process")
+        print("kernels from llmquant's kernel cache, or compiles them where the cache lacks them); ours: the same")
+        print("job again in that process")
     else:
         print("ours 1st: the first run in this process (the first type loads the fused kernels from llmquant's")
-        print("kernel cache, or traces them where it lacks them); ours: the same job again in this process")
+        print("kernel cache, or compiles them where it lacks them); ours: the same job again in this process")
     print(f"{'type':<8} {'ours 1st s':>10} {'ours s':>8} {'llama.cpp s':>12} {'ratio 1st':>10} {'ratio':>7}  identical")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

@@ -156,9 +156,10 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
     MODEL is a Hugging Face folder, 'smollm2-135m', or an F32/F16/BF16 GGUF. Without --imatrix or
     --calib the tensors are quantized without an importance matrix (the summary says so).
 
-    On the CPU, models of 10^9+ weights use fused kernels for the hottest searches (compiled on the first run
-    on a machine, 10-30 s each, then loaded from ~/.cache/llmquant/kernels in ~2.5 s per run);
-    LLMQUANT_COMPILE=1 uses them for any model, LLMQUANT_COMPILE=0 never (same bytes either way).
+    On the CPU the hottest searches run as fused kernels, compiled once per machine (10-30 s each) and loaded
+    from ~/.cache/llmquant/kernels in milliseconds. Cached kernels always run; missing ones are compiled for
+    models of 10^9+ weights only. LLMQUANT_COMPILE=1 compiles them for any model (once fills the cache),
+    LLMQUANT_COMPILE=0 never uses them (same bytes either way).
 
     \b
     Examples:

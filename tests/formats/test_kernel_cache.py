@@ -1,26 +1,29 @@
-"""Compiled kernels are saved to disk and loaded by the next process instead of traced again; the cache never
-changes a byte, and a cache that is broken, off or unwritable costs only time."""
+"""Compiled kernels are saved to disk and loaded by the next process instead of compiled again; the cache never
+changes a byte, a saved kernel refuses inputs it was not compiled for, and a cache that is broken, off or
+unwritable costs only time."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
+import torch
 
-from llmquant.formats import compiled, kernel_cache, quantize
-from llmquant.formats.search import _qx_kernel
+from llmquant.formats import compiled, kernel_cache
+from llmquant.formats.search import _qx_kernel, _qx_numerators
 from llmquant.oracles.ggml import ggml_quantize
 from tests.formats.compare import heavy_tailed, random_imatrix
 
 REPO = Path(__file__).resolve().parents[2]
 
-# quantize in a new process (Q4_0 with an imatrix: two kernels) and report what dynamo had to trace
+# quantize in a new process (Q4_0 with an imatrix: two kernels) and report whether it needed the compiler
 _CHILD = """
 import json, sys
 import numpy as np, torch
@@ -28,9 +31,8 @@ torch.set_num_threads(1)
 from llmquant.formats import compiled, quantize
 from tests.formats.compare import heavy_tailed, random_imatrix
 data = quantize(heavy_tailed(96, 512, seed=81), "Q4_0", random_imatrix(512, seed=82))
-from torch._dynamo.utils import counters
-print(json.dumps({"bytes": data.tobytes().hex(), "traced": counters["stats"]["unique_graphs"],
-                  "broken": compiled._state["broken"]}))
+print(json.dumps({"bytes": data.tobytes().hex(), "broken": compiled._state["broken"],
+                  "compiler": [name for name in ("torch._dynamo", "torch._inductor") if name in sys.modules]}))
 """
 
 
@@ -46,52 +48,124 @@ def _child(cache: Path) -> dict:
 @pytest.fixture
 def kernel_folder(tmp_path, monkeypatch) -> Path:
     """A fresh cache folder, and no kernel loaded in this process yet."""
-    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    yield _fresh_cache(tmp_path / "cache", monkeypatch)
+    kernel_cache.folder.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def qx_library(tmp_path_factory) -> Path:
+    """A folder holding _qx_kernel (nmax 8, 32-wide groups) compiled once, for tests that need it already built."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        folder = _fresh_cache(tmp_path_factory.mktemp("built") / "cache", monkeypatch)
+        with compiled.use_compiled(True):
+            assert compiled.run(_qx_kernel, (8,), *_qx_inputs(96, 32, seed=97)) is not None
+        kernel_cache.folder.cache_clear()
+    assert not compiled._state["broken"]
+    return folder
+
+
+def _fresh_cache(cache: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("LLMQUANT_CACHE", str(cache))
     monkeypatch.delenv("LLMQUANT_KERNEL_CACHE", raising=False)
     kernel_cache.folder.cache_clear()
     monkeypatch.setattr(compiled, "_kernel", functools.cache(compiled._Kernel))
     monkeypatch.setitem(compiled._state, "broken", False)
-    yield kernel_cache.folder()
-    kernel_cache.folder.cache_clear()
+    monkeypatch.setitem(compiled._state, "may_compile", True)
+    return kernel_cache.folder()
+
+
+def _copy_built(built: Path, folder: Path) -> None:
+    """Put the pre-built kernel in ``folder``, as another process would have saved it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in built.glob("search._qx_kernel-*"):
+        shutil.copyfile(path, folder / path.name)
+
+
+def _qx_inputs(n_groups: int, width: int, seed: int) -> tuple[torch.Tensor, ...]:
+    x = torch.from_numpy(heavy_tailed(n_groups, width, seed=seed))
+    weights = torch.from_numpy(random_imatrix(n_groups * width, seed=seed + 1).reshape(n_groups, width))
+    return x, weights, torch.tensor(_qx_numerators(8), dtype=torch.float32)
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(left, right) for left, right in zip(a, b, strict=True))
 
 
 def test_a_new_process_loads_the_kernels_the_last_one_compiled(tmp_path):
     expected = ggml_quantize(heavy_tailed(96, 512, seed=81), "Q4_0", random_imatrix(512, seed=82))
     first = _child(tmp_path)
-    saved = list((tmp_path / "kernels").glob("*/*.aot"))
+    saved = list((tmp_path / "kernels").glob("*/*.so"))
     second = _child(tmp_path)
     assert not first["broken"] and not second["broken"]
-    assert first["traced"] >= 2, "the first process should have traced the Q4_0 search's kernels"
     assert {path.name.split("-")[0] for path in saved} == {"legacy._sym_weights", "search._qx_kernel"}
-    assert second["traced"] == 0, "the second process traced again instead of loading the saved kernels"
+    assert all(path.with_suffix(".json").is_file() for path in saved)
+    assert "torch._inductor" in first["compiler"], "the first process should have compiled the kernels"
+    assert second["compiler"] == [], "the second process imported the compiler instead of loading the kernels"
     assert bytes.fromhex(first["bytes"]) == expected.tobytes()
     assert bytes.fromhex(second["bytes"]) == expected.tobytes()
 
 
 def test_a_saved_kernel_that_does_not_load_is_deleted(kernel_folder: Path):
     kernel_folder.mkdir(parents=True)
-    junk = kernel_folder / f"{kernel_cache._stem(_qx_kernel, (8,))}-0123456789ab.aot"
-    junk.write_bytes(b"not a compiled function")
-    assert kernel_cache.load(_qx_kernel, (8,)) == []
-    assert not junk.exists()
+    junk = kernel_folder / f"{kernel_cache._stem(_qx_kernel, (8,))}-0123456789ab.so"
+    junk.write_bytes(b"not a shared library")
+    junk.with_suffix(".json").write_text('{"inputs": [], "ranges": {}, "single": false}')
+    assert kernel_cache.load(_qx_kernel, (8,), compiled.aoti.Library) == []
+    assert not junk.exists() and not junk.with_suffix(".json").exists()
 
 
-def test_each_guard_set_gets_its_own_variant_on_disk(kernel_folder: Path):
-    import torch
-
-    w, imatrix = heavy_tailed(96, 512, seed=83), random_imatrix(512, seed=84)
-    expected = ggml_quantize(w, "Q4_0", imatrix)
+def test_other_static_sizes_get_their_own_variant_and_thread_counts_do_not(kernel_folder: Path, qx_library: Path):
+    wide, narrow = _qx_inputs(96, 32, seed=83), _qx_inputs(96, 16, seed=85)
+    _copy_built(qx_library, kernel_folder)
     with compiled.use_compiled(True):
         torch.set_num_threads(1)
-        assert np.array_equal(quantize(w, "Q4_0", imatrix), expected)
-        one_thread = len(list(kernel_folder.glob("search._qx_kernel-*.aot")))
-        torch.set_num_threads(2)  # part of the kernels' guards: the one-thread variant does not serve here
-        assert np.array_equal(quantize(w, "Q4_0", imatrix), expected)
+        assert _same(compiled.run(_qx_kernel, (8,), *wide), _qx_kernel(*wide, 8))
+        torch.set_num_threads(2)  # the kernels take their threads from OpenMP when they run: the same variant
+        assert _same(compiled.run(_qx_kernel, (8,), *wide), _qx_kernel(*wide, 8))
         torch.set_num_threads(1)
+        assert len(list(kernel_folder.glob("search._qx_kernel-*.so"))) == 1
+        # the width is specialized: the 32-wide variant must refuse 16-wide groups (it would read past them)
+        assert not compiled._kernel(_qx_kernel, (8,)).variants[0].accepts(narrow)
+        assert _same(compiled.run(_qx_kernel, (8,), *narrow), _qx_kernel(*narrow, 8))
     assert not compiled._state["broken"]
-    assert one_thread == 1
-    assert len(list(kernel_folder.glob("search._qx_kernel-*.aot"))) == 2
-    assert len(compiled._kernel(_qx_kernel, (8,)).variants) == 2
+    assert len(list(kernel_folder.glob("search._qx_kernel-*.so"))) == 2
+    variants = compiled._kernel(_qx_kernel, (8,)).variants
+    assert [variant.accepts(wide) for variant in variants] == [True, False]
+    assert [variant.accepts(narrow) for variant in variants] == [False, True]
+    assert not variants[0].accepts(tuple(t.double() for t in wide)), "a dtype it was not compiled for"
+
+
+def test_threads_share_a_kernel(kernel_folder: Path, qx_library: Path):
+    inputs = [_qx_inputs(512, 32, seed=87 + 2 * i) for i in range(4)]
+    _copy_built(qx_library, kernel_folder)
+    with compiled.use_compiled(True):
+        compiled.run(_qx_kernel, (8,), *inputs[0])  # loaded once, before the threads start
+        results: dict[int, tuple] = {}
+
+        def work(i: int) -> None:
+            torch.set_num_threads(1)
+            for _ in range(20):
+                results[i] = compiled.run(_qx_kernel, (8,), *inputs[i])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not compiled._state["broken"]
+    assert all(_same(results[i], _qx_kernel(*inputs[i], 8)) for i in range(4))
+
+
+def test_without_may_compile_a_missing_kernel_runs_eager_and_a_cached_one_runs(kernel_folder: Path,
+                                                                                qx_library: Path):
+    inputs = _qx_inputs(96, 32, seed=95)
+    with compiled.use_compiled(True), compiled.may_compile(False):  # a small job in auto mode
+        assert compiled.run(_qx_kernel, (8,), *inputs) is None  # nothing cached: eager, nothing compiled
+        assert not kernel_folder.exists() or not list(kernel_folder.glob("*.so"))
+        _copy_built(qx_library, kernel_folder)  # an earlier job compiled it
+        compiled._kernel.cache_clear()  # and this is a new process
+        assert _same(compiled.run(_qx_kernel, (8,), *inputs), _qx_kernel(*inputs, 8))
+    assert not compiled._state["broken"]
 
 
 def test_an_unwritable_cache_warns_once_and_still_gives_the_bytes(tmp_path, monkeypatch, kernel_folder: Path):
@@ -100,11 +174,11 @@ def test_an_unwritable_cache_warns_once_and_still_gives_the_bytes(tmp_path, monk
     monkeypatch.setenv("LLMQUANT_CACHE", str(blocker))
     kernel_cache.folder.cache_clear()
     kernel_cache._warn_once.cache_clear()
-    w, imatrix = heavy_tailed(64, 256, seed=85), random_imatrix(256, seed=86)
+    inputs = _qx_inputs(96, 32, seed=99)
     with compiled.use_compiled(True), pytest.warns(RuntimeWarning, match="could not save a compiled kernel"):
-        data = quantize(w, "Q4_0", imatrix)
+        result = compiled.run(_qx_kernel, (8,), *inputs)
     assert not compiled._state["broken"]
-    assert np.array_equal(data, ggml_quantize(w, "Q4_0", imatrix))
+    assert _same(result, _qx_kernel(*inputs, 8))
 
 
 def test_the_cache_can_be_turned_off(monkeypatch, kernel_folder: Path):
@@ -112,7 +186,7 @@ def test_the_cache_can_be_turned_off(monkeypatch, kernel_folder: Path):
     monkeypatch.setenv("LLMQUANT_KERNEL_CACHE", "0")
     kernel_cache.folder.cache_clear()
     assert kernel_cache.folder() is None
-    assert kernel_cache.load(_qx_kernel, (8,)) == []
+    assert kernel_cache.load(_qx_kernel, (8,), compiled.aoti.Library) == []
 
 
 def test_the_folder_changes_with_the_kernels_source(monkeypatch, kernel_folder: Path):
@@ -133,14 +207,14 @@ def test_a_new_folder_prunes_all_but_the_latest_old_ones(kernel_folder: Path):
     for age in range(6):  # folders of older sources, the first the most recently used
         old = kernels / f"old-{age}"
         old.mkdir()
-        (old / "k.aot").write_bytes(b"x")
+        (old / "k.so").write_bytes(b"x")
         os.utime(old, (1_000_000 - age, 1_000_000 - age))
-    kernel_cache.save(_qx_kernel, (8,), _FakeVariant())
+    library = kernel_folder.parent.parent / "built.so"
+    library.write_bytes(b"a library")
+    kernel_cache.save(_qx_kernel, (8,), library, {"inputs": []})
     assert sorted(path.name for path in kernels.iterdir()) == sorted(
         [kernel_folder.name] + [f"old-{age}" for age in range(kernel_cache.MAX_FOLDERS - 1)])
-    assert len(list(kernel_folder.glob("search._qx_kernel-*.aot"))) == 1
-
-
-class _FakeVariant:
-    def save_compiled_function(self, path: str) -> None:
-        Path(path).write_bytes(b"saved")
+    saved = list(kernel_folder.glob("search._qx_kernel-*.so"))
+    assert len(saved) == 1 and saved[0].read_bytes() == b"a library"
+    assert json.loads(saved[0].with_suffix(".json").read_text()) == {"inputs": []}
+    assert not list(kernel_folder.glob(".*")), "a temporary file was left behind"

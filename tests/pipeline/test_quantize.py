@@ -232,7 +232,7 @@ def test_cli_quantizes_the_demo_model_with_an_on_the_fly_imatrix(tmp_path):
 
 @pytest.mark.parametrize("file_type", ["Q4_0", "Q5_1", "Q6_K", "Q3_K_M"])
 def test_fused_kernels_in_worker_threads_give_llama_cpps_file(file_type, tiny_gguf, tmp_path, monkeypatch):
-    # a small model runs eager in auto mode; forced on, the kernels run in both worker threads
+    # forced on (a small job in auto mode compiles no kernel), the kernels run in both worker threads
     for key in ("enabled", "forced"):  # restored afterwards
         monkeypatch.setitem(compiled._state, key, compiled._state[key])
     compiled.set_mode("on")
@@ -243,7 +243,7 @@ def test_fused_kernels_in_worker_threads_give_llama_cpps_file(file_type, tiny_gg
     assert ours.read_bytes() == theirs.read_bytes()
 
 
-def test_auto_mode_uses_the_kernels_only_for_large_jobs(monkeypatch):
+def test_auto_mode_compiles_missing_kernels_only_for_large_jobs(monkeypatch):
     for key in ("enabled", "forced"):
         monkeypatch.setitem(compiled._state, key, compiled._state[key])
     monkeypatch.setitem(compiled._state, "broken", False)

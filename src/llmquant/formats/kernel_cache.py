@@ -1,16 +1,17 @@
-"""The fused kernels saved to disk, so that a new process loads them (milliseconds) instead of tracing them
-(seconds each).
+"""The fused kernels saved to disk, so that a new process loads them (about a millisecond each) instead of
+compiling them again (10-30 s each).
 
-Each saved kernel is what ``torch.compile(...).aot_compile`` gives: the compiled code and the guards it was
-traced under (dtypes, the sizes it specialized on, torch's thread count...). A loaded kernel runs only where its
-guards pass; where none does, ``compiled`` compiles one more variant and saves it too. What guards cannot see,
-the code the kernels were traced from and the machine they were compiled for, is in the folder's name:
+Each saved kernel is a shared library that ``aoti.build`` compiled and a JSON spec of the inputs it accepts
+(dtypes, the sizes the export specialized). A call no saved variant accepts makes ``compiled`` compile one more
+and save it too. What the spec cannot see, the code the kernels were compiled from and the machine they were
+compiled for, is in the folder's name:
 
-    $LLMQUANT_CACHE/kernels/<hash of llmquant's format sources, torch and Python versions, CPU>/<kernel>-<id>.aot
+    $LLMQUANT_CACHE/kernels/<hash of llmquant's format sources, torch and Python versions, CPU>/<kernel>-<id>.so
+                                                                                              /<kernel>-<id>.json
 
-A file that does not load (stale, truncated) is deleted and compiled again. The files are pickles that only this
-user's own runs write, in this user's cache folder, as inductor's own cache is. ``LLMQUANT_KERNEL_CACHE=0`` turns
-the cache off (every process traces again).
+A kernel that does not load (stale, truncated) is deleted and compiled again. The libraries are native code that
+only this user's own runs write, in this user's cache folder, as inductor's own cache is; they are never read
+from model input. ``LLMQUANT_KERNEL_CACHE=0`` turns the cache off (every process compiles again).
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from llmquant.cache import cache_root
 
 _ENV = "LLMQUANT_KERNEL_CACHE"
-_FORMAT = 1  # bump when what is saved changes
+_FORMAT = 2  # bump when what is saved changes (2: AOTInductor packages)
 # variants of one kernel kept on disk at most (one per thread count, dtype, ... that a job really used)
 MAX_VARIANTS = 8
 # kernel folders kept (one per llmquant source and torch version used lately)
 MAX_FOLDERS = 4
+
+T = TypeVar("T")
 
 
 def _cpu_signature() -> str:
@@ -69,36 +73,46 @@ def _stem(fn: Callable, constants: tuple) -> str:
     return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__qualname__}-{tag}"
 
 
-def load(fn: Callable, constants: tuple) -> list:
-    """Every saved variant of ``fn`` with these constant arguments, loaded (deleting those that do not load)."""
+def load(fn: Callable, constants: tuple, open_library: Callable[[Path, dict], T]) -> list[T]:
+    """Every saved variant of ``fn`` with these constant arguments, opened (deleting those that do not open)."""
     where = folder()
     if where is None or not where.is_dir():
         return []
     variants = []
-    for path in sorted(where.glob(f"{_stem(fn, constants)}-*.aot")):
+    for spec_path in sorted(where.glob(f"{_stem(fn, constants)}-*.json")):
+        library = spec_path.with_suffix(".so")
         try:
-            with path.open("rb") as file:
-                variants.append(torch.compiler.load_compiled_function(file, f_globals=fn.__globals__))
+            variants.append(open_library(library, json.loads(spec_path.read_text())))
         except Exception:  # truncated, or written by a torch this folder's key did not tell apart: compile again
-            path.unlink(missing_ok=True)
+            spec_path.unlink(missing_ok=True)
+            library.unlink(missing_ok=True)
     return variants
 
 
-def save(fn: Callable, constants: tuple, variant) -> None:
-    """Save a freshly compiled variant (written under a temporary name and renamed). A cache that cannot be
-    written costs only time: one warning, and the next process traces again."""
+def save(fn: Callable, constants: tuple, library: Path, spec: dict) -> None:
+    """Copy a freshly compiled library and its spec into the cache, each under a temporary name and renamed,
+    the spec last: a spec is there only when its library is complete. A cache that cannot be written costs only
+    time: one warning, and the next process compiles again."""
     where = folder()
     if where is None:
         return
     stem = _stem(fn, constants)
     try:
         _make(where)
-        if len(list(where.glob(f"{stem}-*.aot"))) >= MAX_VARIANTS:
+        if len(list(where.glob(f"{stem}-*.json"))) >= MAX_VARIANTS:
             return
-        variant.save_compiled_function(str(where / f"{stem}-{uuid.uuid4().hex[:12]}.aot"))
+        name = f"{stem}-{uuid.uuid4().hex[:12]}"
+        _write(where / f"{name}.so", library.read_bytes())
+        _write(where / f"{name}.json", json.dumps(spec).encode())
     except Exception as error:
         _warn_once(f"llmquant: could not save a compiled kernel in {where} ({type(error).__name__}: {error}); "
-                   f"every new process will trace it again. Set {_ENV}=0 to silence this.")
+                   f"every new process will compile it again. Set {_ENV}=0 to silence this.")
+
+
+def _write(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
 
 
 # inductor checks each SIMD instruction set the CPU lists by compiling a test library and loading it in a child
@@ -141,9 +155,7 @@ def record_vec_isa_probe() -> None:
 
         passed = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
         _make(where)
-        temporary = where / f".{_VEC_ISA_RECORD}.{uuid.uuid4().hex[:8]}"
-        temporary.write_text(json.dumps(passed))
-        os.replace(temporary, where / _VEC_ISA_RECORD)
+        _write(where / _VEC_ISA_RECORD, json.dumps(passed).encode())
     except Exception:
         return
 

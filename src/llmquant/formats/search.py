@@ -409,7 +409,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int, do_rmse: bool = True) -> tuple[to
                 state = (xt, levels, sumlx, suml2)
             else:
                 if active.numel() == 1:  # twice (the same result written twice): sizes 0 and 1 make
-                    active = active.repeat(2)  # dynamo specialize the kernel again
+                    active = active.repeat(2)  # the export specialize the kernel again
                 state = (xt.index_select(1, active), levels.index_select(1, active),
                          sumlx.index_select(0, active), suml2.index_select(0, active))
             fused = compiled.run(_q3_pass_kernel, (nmax,), *state) if use_kernel else None

@@ -254,7 +254,7 @@ def quantize_gguf(
                         if type_name != source.tensor(name).type_name)
     with (StreamingGGUFWriter(output, arch) as writer,
           ThreadPoolExecutor(max_workers=n_workers, initializer=_set_torch_threads_to_one) as pool,
-          compiled.use_compiled(compiled.worth_it(n_to_quantize))):
+          compiled.may_compile(compiled.worth_it(n_to_quantize))):
         for name, type_name in plan.types.items():
             numpy_shape = tuple(reversed(source.tensor(name).shape))
             writer.declare(name, numpy_shape, GGMLQuantizationType[type_name])
