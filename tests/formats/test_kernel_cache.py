@@ -18,20 +18,20 @@ import torch
 
 from llmquant.formats import compiled, kernel_cache
 from llmquant.formats.search import _qx_kernel, _qx_numerators
-from llmquant.oracles.ggml import ggml_quantize
 from tests.formats.compare import heavy_tailed, random_imatrix
 
 REPO = Path(__file__).resolve().parents[2]
 
-# quantize in a new process (Q4_0 with an imatrix: two kernels) and report whether it needed the compiler
+# run _qx_kernel in a new process and report whether it needed the compiler
 _CHILD = """
 import json, sys
-import numpy as np, torch
-torch.set_num_threads(1)
-from llmquant.formats import compiled, quantize
-from tests.formats.compare import heavy_tailed, random_imatrix
-data = quantize(heavy_tailed(96, 512, seed=81), "Q4_0", random_imatrix(512, seed=82))
-print(json.dumps({"bytes": data.tobytes().hex(), "broken": compiled._state["broken"],
+import torch
+from llmquant.formats import compiled
+from tests.formats.test_kernel_cache import _qx_inputs
+from llmquant.formats.search import _qx_kernel
+result = compiled.run(_qx_kernel, (8,), *_qx_inputs(200, 32, seed=81))
+print(json.dumps({"result": None if result is None else [t.numpy().tobytes().hex() for t in result],
+                  "broken": compiled._state["broken"],
                   "compiler": [name for name in ("torch._dynamo", "torch._inductor") if name in sys.modules]}))
 """
 
@@ -91,18 +91,16 @@ def _same(a, b) -> bool:
     return all(torch.equal(left, right) for left, right in zip(a, b, strict=True))
 
 
-def test_a_new_process_loads_the_kernels_the_last_one_compiled(tmp_path):
-    expected = ggml_quantize(heavy_tailed(96, 512, seed=81), "Q4_0", random_imatrix(512, seed=82))
-    first = _child(tmp_path)
-    saved = list((tmp_path / "kernels").glob("*/*.so"))
-    second = _child(tmp_path)
-    assert not first["broken"] and not second["broken"]
-    assert {path.name.split("-")[0] for path in saved} == {"legacy._sym_weights", "search._qx_kernel"}
-    assert all(path.with_suffix(".json").is_file() for path in saved)
-    assert "torch._inductor" in first["compiler"], "the first process should have compiled the kernels"
-    assert second["compiler"] == [], "the second process imported the compiler instead of loading the kernels"
-    assert bytes.fromhex(first["bytes"]) == expected.tobytes()
-    assert bytes.fromhex(second["bytes"]) == expected.tobytes()
+def test_a_new_process_loads_the_kernels_the_last_one_compiled(qx_library: Path):
+    # qx_library: this process compiled the kernel and saved it; a new process loads it without the compiler
+    saved = list(qx_library.glob("*.so"))
+    assert [path.name.split("-")[0] for path in saved] == ["search._qx_kernel"]
+    assert saved[0].with_suffix(".json").is_file()
+    child = _child(qx_library.parent.parent)
+    assert not child["broken"]
+    assert child["compiler"] == [], "the new process imported the compiler instead of loading the kernel"
+    expected = _qx_kernel(*_qx_inputs(200, 32, seed=81), 8)
+    assert [bytes.fromhex(part) for part in child["result"]] == [t.numpy().tobytes() for t in expected]
 
 
 def test_a_saved_kernel_that_does_not_load_is_deleted(kernel_folder: Path):
@@ -168,7 +166,16 @@ def test_without_may_compile_a_missing_kernel_runs_eager_and_a_cached_one_runs(k
     assert not compiled._state["broken"]
 
 
-def test_an_unwritable_cache_warns_once_and_still_gives_the_bytes(tmp_path, monkeypatch, kernel_folder: Path):
+def test_an_unwritable_cache_warns_once_and_still_gives_the_bytes(tmp_path, monkeypatch, kernel_folder: Path,
+                                                                   qx_library: Path):
+    built = next(qx_library.glob("*.so"))
+    spec = json.loads(built.with_suffix(".json").read_text())
+
+    def build(fn, constants, tensors, scratch: Path):  # the library compiled before, without compiling again
+        shutil.copyfile(built, scratch / "kernel.so")
+        return scratch / "kernel.so", spec
+
+    monkeypatch.setattr(compiled.aoti, "build", build)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv("LLMQUANT_CACHE", str(blocker))
