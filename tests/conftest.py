@@ -41,8 +41,9 @@ def fused_kernels_compiled() -> None:
     """Fill llmquant's kernel cache before the tests, two processes compiling at once: on a fresh machine the
     tests would otherwise compile the 16 kernels one after another (~4.5 min on two cores). Nothing to do when
     the cache has them (each process then takes ~2 s)."""
-    off = ("0", "false", "no", "off")
-    if any(os.environ.get(name, "").strip().lower() in off for name in ("LLMQUANT_COMPILE", "LLMQUANT_KERNEL_CACHE")):
+    from llmquant.formats import compiled, kernel_cache
+
+    if not compiled._state["enabled"] or kernel_cache.folder() is None:  # LLMQUANT_COMPILE=0, LLMQUANT_KERNEL_CACHE=0
         return
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "LLMQUANT_COMPILE": "1", "PYTHONPATH": str(root)}

@@ -79,26 +79,24 @@ def enabled(x: torch.Tensor, n_groups: int | None = None) -> bool:
     return _state["enabled"] and not _state["broken"] and x.device.type == "cpu" and n_groups >= MIN_GROUPS
 
 
-@contextlib.contextmanager
-def may_compile(on: bool) -> Iterator[None]:
+def may_compile(on: bool) -> contextlib.AbstractContextManager[None]:
     """Within a block, compile the kernels the disk cache lacks (on), or run eager where a kernel is missing."""
-    before = _state["may_compile"]
-    _state["may_compile"] = on
-    try:
-        yield
-    finally:
-        _state["may_compile"] = before
+    return _state_within("may_compile", on)
+
+
+def use_compiled(on: bool) -> contextlib.AbstractContextManager[None]:
+    """Turn the compiled kernels on or off within a block (tests compare both paths with ggml)."""
+    return _state_within("enabled", on)
 
 
 @contextlib.contextmanager
-def use_compiled(on: bool) -> Iterator[None]:
-    """Turn the compiled kernels on or off within a block (tests compare both paths with ggml)."""
-    before = _state["enabled"]
-    _state["enabled"] = on
+def _state_within(key: str, value: bool) -> Iterator[None]:
+    before = _state[key]
+    _state[key] = value
     try:
         yield
     finally:
-        _state["enabled"] = before
+        _state[key] = before
 
 
 class _Kernel:

@@ -35,7 +35,7 @@ from llmquant.cache import cache_root
 
 _ENV = "LLMQUANT_KERNEL_CACHE"
 _FORMAT = 2  # bump when what is saved changes (2: AOTInductor packages)
-# variants of one kernel kept on disk at most (one per thread count, dtype, ... that a job really used)
+# variants of one kernel kept on disk at most (one per set of dtypes and specialized sizes a job really used)
 MAX_VARIANTS = 8
 # kernel folders kept (one per llmquant source and torch version used lately)
 MAX_FOLDERS = 4
