@@ -21,7 +21,7 @@ TEST_CACHE = Path(os.environ.get("LLMQUANT_TEST_CACHE", Path(__file__).parent / 
 
 # the formats whose quantize (with and without an imatrix) compiles every fused kernel, split in two halves of
 # similar compile time
-_KERNEL_GROUPS = (["Q3_K", "Q4_0", "Q5_0"], ["Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K", "Q6_K"])
+_KERNEL_GROUPS = (["Q3_K", "Q4_0", "Q5_0", "Q8_0"], ["Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K", "Q6_K"])
 _COMPILE_KERNELS = """
 import sys
 import numpy as np
@@ -39,7 +39,7 @@ sys.exit(1 if compiled._state["broken"] else 0)
 @pytest.fixture(scope="session", autouse=True)
 def fused_kernels_compiled() -> None:
     """Fill llmquant's kernel cache before the tests, two processes compiling at once: on a fresh machine the
-    tests would otherwise compile the 16 kernels one after another (~4.5 min on two cores). Nothing to do when
+    tests would otherwise compile the 17 kernels one after another (~4.5 min on two cores). Nothing to do when
     the cache has them (each process then takes ~2 s)."""
     from llmquant.formats import compiled, kernel_cache
 

@@ -14,7 +14,7 @@ from llmquant.oracles.ggml import ggml_quantize
 from tests.formats.compare import heavy_tailed, random_imatrix
 
 # the formats whose searches run through compiled kernels on the CPU
-FUSED = ["Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+FUSED = ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.mark.parametrize("type_name", FUSED)
@@ -81,7 +81,7 @@ def test_small_inputs_and_other_devices_skip_the_kernels():
         assert not compiled.enabled(torch.zeros(128, 32))
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q4_1", "Q5_1"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1"])
 def test_fused_reference_path_hands_odd_scales_to_the_exact_path(type_name: str):
     # enough blocks for the kernels; denormal scales (one chunk goes the exact slow way), ties of +max and
     # -max (the first wins), all-zero blocks and the largest float16 values
@@ -101,3 +101,20 @@ def test_fused_reference_path_hands_odd_scales_to_the_exact_path(type_name: str)
     assert not compiled._state["broken"]
     assert np.array_equal(denormal, ggml_quantize(w, type_name))
     assert np.array_equal(ordinary, ggml_quantize(w[1:], type_name))
+
+
+def test_q8_0_kernel_rounds_halfway_levels_as_ggml():
+    # blocks whose largest magnitude is 127·d, the others (k + 0.5)·d and their float neighbours: x/d lands on,
+    # just below and just above the halves that roundf sends away from zero, for 4096 random scales d
+    rng = np.random.default_rng(76)
+    n_blocks = 4096
+    d = np.exp(rng.uniform(-12, 6, size=(n_blocks, 1))).astype(np.float32)
+    k = rng.integers(-127, 127, size=(n_blocks, 32)).astype(np.float32)
+    w = ((k + 0.5) * d).astype(np.float32)
+    w = np.where(rng.random(w.shape) < 0.5, w, np.nextafter(w, np.where(rng.random(w.shape) < 0.5, 0, 1e30)))
+    w[:, 0] = 127 * d[:, 0] * np.where(rng.random(n_blocks) < 0.5, -1, 1)
+    w = w.astype(np.float32).reshape(-1, 256)
+    with compiled.use_compiled(True):
+        fused = quantize(w, "Q8_0")
+    assert not compiled._state["broken"]
+    assert np.array_equal(fused, ggml_quantize(w, "Q8_0"))

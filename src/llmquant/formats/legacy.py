@@ -216,6 +216,25 @@ class _SymmetricLegacy(BlockFormat):
         return self._pack_fast(scale, levels.to(torch.uint8).contiguous()).reshape(n_rows, -1)
 
 
+def _q8_0_kernel(blocks: torch.Tensor) -> tuple:
+    """quantize_row_q8_0_ref fused by ``compiled``: ``d = amax/127``, levels ``roundf(x/d)`` (as the eager fast
+    path computes them). Returns the scale, the int8 levels and whether any scale is subnormal (then the caller
+    takes the exact path)."""
+    amax = blocks.abs().amax(dim=1)
+    scale = amax / torch.full_like(amax, 127.0)
+    scaled = blocks * _sym_inverse_or_zero(scale)[:, None]
+    levels = (scaled + torch.sign(scaled) * _SYM_HALF_BELOW).to(torch.int8)
+    return scale, levels, _sym_subnormal(scale).any()
+
+
+def _q8_0_assemble(scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks' bytes from the kernel's float32 scales ``[n]`` and int8 levels ``[n, 32]``."""
+    out = np.empty(levels.shape[0], dtype=np.dtype([("d", "<f2"), ("qs", "V32")]))
+    out["d"] = scale.to(torch.float16).numpy()
+    out["qs"] = levels.numpy().reshape(-1).view("V32")
+    return torch.from_numpy(out.view(np.uint8).reshape(levels.shape[0], 34))
+
+
 class Q8_0(BlockFormat):
     """8-bit levels and one fp16 scale per 32 weights: ggml's quantize_row_q8_0_ref (ggml ignores the imatrix)."""
 
@@ -224,8 +243,13 @@ class Q8_0(BlockFormat):
     bytes_per_block = 34
 
     chunk_weights = 1 << 18  # stays in cache
+    fused_chunk_weights = 1 << 22  # the kernel streams; fewer calls spread its overhead
 
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        if compiled.enabled(blocks):
+            fused = compiled.run(_q8_0_kernel, (), blocks)
+            if fused is not None and not bool(fused[2]):
+                return _q8_0_assemble(fused[0], fused[1])
         amax = blocks.abs().amax(dim=1)
         scale = amax / torch.full_like(amax, 127.0)
         if _sym_scales_are_normal(scale):
