@@ -39,7 +39,7 @@ def test_header_of_an_empty_file_is_a_clear_error(tmp_path: Path) -> None:
         read_gguf_header(path)
 
 
-def test_tensor_data_is_gguf_readers_bytes(smollm2_f32_gguf: Path) -> None:
+def test_tensor_bytes_are_gguf_readers(smollm2_f32_gguf: Path) -> None:
     header = read_gguf_header(smollm2_f32_gguf)
     reader = GGUFReader(smollm2_f32_gguf, "r")
     assert len(header.tensors) == len(reader.tensors)
@@ -47,7 +47,31 @@ def test_tensor_data_is_gguf_readers_bytes(smollm2_f32_gguf: Path) -> None:
         assert ours.offset == theirs.data_offset
         assert ours.n_bytes == theirs.n_bytes
         assert ours.n_elements == int(theirs.n_elements)
-        assert np.array_equal(header.tensor_data(ours), np.asarray(theirs.data).view(np.uint8).reshape(-1))
+        assert np.array_equal(header.read_tensor_bytes(ours, 0, ours.n_bytes),
+                              np.asarray(theirs.data).view(np.uint8).reshape(-1))
+
+
+def test_part_of_a_tensor_is_read_into_a_given_buffer(smollm2_f32_gguf: Path) -> None:
+    header = read_gguf_header(smollm2_f32_gguf)
+    tensor = next(t for t in header.tensors if t.name == "blk.0.ffn_down.weight")
+    whole = header.read_tensor_bytes(tensor, 0, tensor.n_bytes)
+    buffer = np.zeros(1 << 20, dtype=np.uint8)
+    part = header.read_tensor_bytes(tensor, 1000, 5000, out=buffer)
+    assert np.shares_memory(part, buffer)
+    assert np.array_equal(part, whole[1000:5000])
+    with pytest.raises(ValueError, match="outside"):
+        header.read_tensor_bytes(tensor, 0, tensor.n_bytes + 1)
+
+
+def test_a_file_cut_short_after_its_header_was_read_is_a_clear_error(smollm2_f32_gguf: Path, tmp_path: Path) -> None:
+    path = tmp_path / "shrinking.gguf"
+    path.write_bytes(smollm2_f32_gguf.read_bytes())
+    header = read_gguf_header(path)
+    last = max(header.tensors, key=lambda t: t.offset)
+    with open(path, "r+b") as file:
+        file.truncate(last.offset + 10)
+    with pytest.raises(InputError, match=f"ended inside tensor {last.name}"):
+        header.read_tensor_bytes(last, 0, last.n_bytes)
 
 
 def test_header_of_a_truncated_file_names_the_tensor(smollm2_f32_gguf: Path, tmp_path: Path) -> None:

@@ -197,6 +197,44 @@ def test_an_error_midway_leaves_nothing_behind(tiny_gguf, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+_MEMORY_SCRIPT = """
+import json, sys, threading, time
+from pathlib import Path
+from llmquant.pipeline.quantize import quantize_model
+
+def rss():  # resident bytes now, file pages included (ru_maxrss cannot be reset after the warm-up)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+small, big, out = sys.argv[1:4]
+quantize_model(Path(small), Path(out + ".warm.gguf"), "Q8_0", threads=2)  # imports, kernels, worker buffers
+before, peak, done = rss(), [0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+quantize_model(Path(big), Path(out), "Q8_0", threads=2)
+done.set()
+sampler.join()
+print(json.dumps({"growth": max(peak[0], rss()) - before}))
+"""
+
+
+def test_memory_stays_far_below_the_models_size(tiny_gguf, smollm2_f32_gguf, tmp_path):
+    # parts are read into each worker's buffer, not mapped: mapped pages of the 540 MB source would stay resident
+    run = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(tiny_gguf), str(smollm2_f32_gguf),
+                          str(tmp_path / "out.gguf")], capture_output=True, text=True, check=True, timeout=600)
+    growth = json.loads(run.stdout.strip().splitlines()[-1])["growth"]
+    source = smollm2_f32_gguf.stat().st_size
+    print(f"source {source / 2**20:.0f} MiB, peak RSS growth {growth / 2**20:.1f} MiB")
+    assert growth < source / 5
+    assert (tmp_path / "out.gguf").stat().st_size > source // 4  # Q8_0: every weight was written
+
+
 def test_our_file_runs_in_llama_cpp_and_loads_in_transformers(smollm2_f32_gguf, tmp_path):
     from llama_cpp import Llama
 

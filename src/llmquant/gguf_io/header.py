@@ -5,7 +5,8 @@
 
 gguf-py's GGUFReader takes seconds on a file with a 50k-token vocabulary; this reads only the header
 (through mmap, so the tensor data is never touched) and takes a fraction of that. Each tensor's absolute
-offset and byte size let a caller map its data directly (``tensor_data``), checked against the file's length.
+offset and byte size let a caller read any part of its data (``read_tensor_bytes``), checked against the file's
+length.
 """
 
 from __future__ import annotations
@@ -55,16 +56,27 @@ class GGUFHeader:
     # needs no re-encoding
     raw_values: dict[str, bytes] = field(default_factory=dict)
 
-    def tensor_data(self, tensor: HeaderTensor) -> np.ndarray:
-        """The tensor's bytes as a view of a copy-on-write memory map of the file: nothing is read until used,
-        and writes stay in memory (the file is never changed)."""
-        return np.frombuffer(self._file_map, dtype=np.uint8, count=tensor.n_bytes, offset=tensor.offset)
-
-    @functools.cached_property
-    def _file_map(self) -> mmap.mmap:
-        # one map for every tensor (a numpy memmap per tensor costs a path lookup, an open and a map each)
-        with open(self.path, "rb") as file:
-            return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    def read_tensor_bytes(self, tensor: HeaderTensor, start: int, stop: int, out: np.ndarray | None = None
+                          ) -> np.ndarray:
+        """Bytes ``[start, stop)`` of the tensor's data, read from the file (into ``out``, a uint8 buffer of at
+        least ``stop - start`` bytes, when given; the returned array is then a view of it). Read, not mapped:
+        streaming a model this way keeps the process's memory at the size of its buffers, however large the
+        file. Threads may read at once (the GIL is released while reading)."""
+        if not 0 <= start <= stop <= tensor.n_bytes:
+            raise ValueError(f"{tensor.name}: bytes [{start}, {stop}) are outside its {tensor.n_bytes}")
+        n = stop - start
+        data = np.empty(n, dtype=np.uint8) if out is None else out.reshape(-1)[:n]
+        view = memoryview(data)
+        done = 0
+        with open(self.path, "rb", buffering=0) as file:
+            file.seek(tensor.offset + start)
+            while done < n:
+                got = file.readinto(view[done:])
+                if not got:
+                    raise InputError(f"{self.path}: the file ended inside tensor {tensor.name} (was it truncated "
+                                     "while being read?)")
+                done += got
+        return data
 
 
 class StringArray(Sequence):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -87,13 +88,13 @@ def parse_file_types(spec: str | Sequence[str]) -> list[FileType]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The source: an F32/F16/BF16 GGUF, memory-mapped
+# The source: an F32/F16/BF16 GGUF
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class GGUFSource:
-    """The source GGUF through its header (read once, fast) and a memory map per tensor, read when quantized."""
+    """The source GGUF through its header (read once, fast); tensors are read part by part when quantized."""
 
     path: Path
     header: GGUFHeader
@@ -119,9 +120,10 @@ class GGUFSource:
     def tensor(self, name: str) -> HeaderTensor:
         return self._by_name[name]
 
-    def tensor_bytes(self, name: str) -> np.ndarray:
-        """The tensor's bytes, memory-mapped (read from the file as they are used)."""
-        return self.header.tensor_data(self._by_name[name])
+    def read(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Bytes ``[start, stop)`` of the tensor, read from the file (into ``out`` when given). Read, not mapped:
+        mapped pages would count in the process's resident memory until the job ends, the whole model's worth."""
+        return self.header.read_tensor_bytes(self._by_name[name], start, stop, out)
 
     @property
     def _by_name(self) -> dict[str, HeaderTensor]:
@@ -166,6 +168,11 @@ def _importance_for(name: str, shape: tuple[int, ...], imatrix: Mapping[str, np.
 # a tensor is quantized in parts of about this many weights: big enough that the per-call costs vanish, small
 # enough that the workers share even one big tensor and the parts in flight stay small
 PART_WEIGHTS = 1 << 21
+# parts queued per worker ahead of the one being written. Parts differ in cost (SmolLM2's Q6_K: each layer's
+# ffn_down is a slow Q6_K part among six fast Q8_0 ones), so a short queue leaves one worker idle while the other
+# finishes the slow part; 8 lets a worker run a layer or two ahead. Memory: at most this many finished parts
+# (a few MB each) wait to be written.
+PARTS_AHEAD_PER_WORKER = 8
 
 
 @dataclass(frozen=True)
@@ -204,12 +211,36 @@ def _parts(name: str, shape: tuple[int, ...], src_type: str, type_name: str,
     return parts
 
 
-def _encode_part(raw: np.ndarray, part: _Part, device: torch.device) -> np.ndarray:
-    """One part's rows of the source tensor's bytes → the bytes of ``part.type_name``."""
+def _byte_range(part: _Part) -> tuple[int, int]:
     row_bytes = part.n_per_row * FORMATS[part.src_type].bytes_per_block
-    rows = part.stop - part.start
-    values = dequantize(raw[part.start * row_bytes:part.stop * row_bytes], part.src_type, (rows, part.n_per_row))
-    return quantize(torch.from_numpy(values).to(device), part.type_name, imatrix=part.importance)
+    return part.start * row_bytes, part.stop * row_bytes
+
+
+# each worker thread reads its parts into one buffer of its own, reused: fresh multi-MB arrays would cost a page
+# fault per 4 KiB every time
+_buffers = threading.local()
+
+
+def _read_buffer(n_bytes: int) -> np.ndarray:
+    buffer = getattr(_buffers, "data", None)
+    if buffer is None or buffer.size < n_bytes:
+        buffer = _buffers.data = np.empty(n_bytes, dtype=np.uint8)
+    return buffer
+
+
+def _encode_part(source: GGUFSource, part: _Part, device: torch.device) -> np.ndarray:
+    """One part's rows of the source tensor → the bytes of ``part.type_name``."""
+    start, stop = _byte_range(part)
+    raw = source.read(part.name, start, stop, out=_read_buffer(stop - start))
+    values = dequantize(raw, part.src_type, (part.stop - part.start, part.n_per_row))
+    data = quantize(torch.from_numpy(values).to(device), part.type_name, imatrix=part.importance)
+    # the buffer is reused by the worker's next part: an output that is a view of it (F32 from F32) is copied
+    return data.copy() if np.may_share_memory(data, raw) else data
+
+
+def _copy_part(source: GGUFSource, part: _Part) -> np.ndarray:
+    """One part of a tensor kept in its type: its bytes as they are."""
+    return source.read(part.name, *_byte_range(part))
 
 
 def _set_torch_threads_to_one() -> None:
@@ -261,7 +292,8 @@ def quantize_gguf(
         _copy_metadata(writer, source, ft)
         writer.begin()
         bar = _progress_bar(n_weights, ft.name, progress)
-        # parts are quantized in order by the workers, a few ahead of the one being written (memory stays bounded)
+        # parts are quantized in order by the workers, up to PARTS_AHEAD_PER_WORKER each ahead of the one being
+        # written (memory stays bounded)
         in_flight: deque[tuple[str, int, Future]] = deque()
 
         def write_oldest() -> None:
@@ -276,18 +308,16 @@ def quantize_gguf(
         try:
             for name, type_name in plan.types.items():
                 t = source.tensor(name)
-                raw = np.asarray(source.tensor_bytes(name))  # a plain view: slices of a memmap cost more
                 if type_name == t.type_name:  # kept as it is: copied byte for byte
-                    done: Future = Future()
-                    done.set_result(raw)
-                    in_flight.append((name, t.n_elements, done))
+                    for part in _parts(name, t.shape, t.type_name, type_name, None):
+                        in_flight.append((name, part.n_weights, pool.submit(_copy_part, source, part)))
                 else:
                     importance = _importance_for(name, t.shape, imatrix)
                     if imatrix is not None and importance is None and FORMATS[type_name].block_size > 1:
                         unweighted.append(name)
                     for part in _parts(name, t.shape, t.type_name, type_name, importance):
-                        in_flight.append((name, part.n_weights, pool.submit(_encode_part, raw, part, dev)))
-                while len(in_flight) > 2 * n_workers:
+                        in_flight.append((name, part.n_weights, pool.submit(_encode_part, source, part, dev)))
+                while len(in_flight) > PARTS_AHEAD_PER_WORKER * n_workers:
                     write_oldest()
             while in_flight:
                 write_oldest()
