@@ -225,3 +225,28 @@ def test_a_new_folder_prunes_all_but_the_latest_old_ones(kernel_folder: Path):
     assert len(saved) == 1 and saved[0].read_bytes() == b"a library"
     assert json.loads(saved[0].with_suffix(".json").read_text()) == {"inputs": []}
     assert not list(kernel_folder.glob(".*")), "a temporary file was left behind"
+
+
+def test_a_kernel_another_process_is_compiling_is_waited_for_and_loaded(kernel_folder: Path, qx_library: Path,
+                                                                         monkeypatch):
+    builds = []
+
+    def build(fn, constants, tensors, scratch: Path):  # compiling here would mean the lock did not hold
+        builds.append(fn.__qualname__)
+        raise RuntimeError("compiled a kernel another process was compiling")
+
+    monkeypatch.setattr(compiled.aoti, "build", build)
+    inputs = _qx_inputs(96, 32, seed=101)
+    results = []
+    with kernel_cache.compiling(_qx_kernel, (8,)):  # "another process" holds the kernel's lock
+        with compiled.use_compiled(True):
+            waiting = threading.Thread(target=lambda: results.append(compiled.run(_qx_kernel, (8,), *inputs)))
+            waiting.start()
+            waiting.join(timeout=1.0)
+            assert waiting.is_alive(), "the call did not wait for the lock"
+            assert compiled._kernel(_qx_kernel, (8,)).loaded  # it looked in the cache before waiting: empty
+            _copy_built(qx_library, kernel_folder)  # the other process saves the kernel and lets go
+    waiting.join(timeout=60)
+    assert not waiting.is_alive()
+    assert builds == [] and not compiled._state["broken"]
+    assert _same(results[0], _qx_kernel(*inputs, 8))

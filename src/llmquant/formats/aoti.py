@@ -14,6 +14,7 @@ export left symbolic, one value per name within its range). Inputs must be conti
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import zipfile
 from collections.abc import Callable
@@ -108,11 +109,18 @@ def build(fn: Callable, constants: tuple, tensors: tuple, scratch: Path) -> tupl
 
     call = _Call(fn, constants)
     dynamic = tuple({i: Dim.AUTO for i in range(tensor.dim())} for tensor in tensors)
-    program = torch.export.export(call, tensors, dynamic_shapes=(dynamic,), strict=False)
-    spec = _input_spec(program)
-    if spec is None:  # a size the code ties to another by a formula: compile for these sizes only
-        program = torch.export.export(call, tensors, strict=False)
+    # export logs a warning for each size of 1 it specializes (a broadcast row, expected): not the user's concern
+    export_log = logging.getLogger("torch._export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
+    try:
+        program = torch.export.export(call, tensors, dynamic_shapes=(dynamic,), strict=False)
         spec = _input_spec(program)
+        if spec is None:  # a size the code ties to another by a formula: compile for these sizes only
+            program = torch.export.export(call, tensors, strict=False)
+            spec = _input_spec(program)
+    finally:
+        export_log.setLevel(level)
     spec["single"] = program.call_spec.out_spec.is_leaf()
     package = scratch / "kernel.pt2"
     torch._inductor.aoti_compile_and_package(program, package_path=str(package))

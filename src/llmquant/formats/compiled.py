@@ -51,6 +51,8 @@ _MODES = {"0": "off", "false": "off", "no": "off", "off": "off", "1": "on", "tru
 # broken: compiling failed once in this process; may_compile: a kernel the disk cache lacks is compiled (else
 # that call runs eager)
 _state = {"enabled": True, "forced": False, "broken": False, "may_compile": True}
+# the kernels that calls wanted but the cache lacked while compiling was not allowed (those calls ran eager)
+_missing: set[str] = set()
 
 
 def set_mode(mode: str) -> None:
@@ -77,6 +79,14 @@ def enabled(x: torch.Tensor, n_groups: int | None = None) -> bool:
     """Whether the compiled kernels should handle ``x`` ([n_groups, group_size]; ``n_groups`` overrides)."""
     n_groups = x.shape[0] if n_groups is None else n_groups
     return _state["enabled"] and not _state["broken"] and x.device.type == "cpu" and n_groups >= MIN_GROUPS
+
+
+def take_missing() -> set[str]:
+    """The kernels that calls since the last ``take_missing`` ran eager for, because the cache lacked them and
+    ``may_compile`` was off (forgotten once taken)."""
+    missing = set(_missing)
+    _missing.difference_update(missing)
+    return missing
 
 
 def may_compile(on: bool) -> contextlib.AbstractContextManager[None]:
@@ -108,6 +118,7 @@ class _Kernel:
         self.constants = constants
         self.variants: list[aoti.Library] = []
         self.loaded = False
+        self.saved_names: set[str] = set()  # the cache's files already loaded
 
     def find(self, tensors: tuple) -> aoti.Library | None:
         return next((variant for variant in self.variants if variant.accepts(tensors)), None)
@@ -132,6 +143,7 @@ def run(fn: Callable, constants: tuple, *tensors: torch.Tensor):
             with _lock:
                 variant = _load_or_compile(kernel, tensors)
             if variant is None:
+                _missing.add(kernel.fn.__qualname__)
                 return None
         return variant(tensors)
     except Exception as error:  # no C++ compiler, an inductor bug: the eager path gives the same bytes
@@ -145,11 +157,16 @@ def run(fn: Callable, constants: tuple, *tensors: torch.Tensor):
 def _load_or_compile(kernel: _Kernel, tensors: tuple) -> aoti.Library | None:
     if not kernel.loaded:
         kernel.loaded = True
-        kernel.variants.extend(kernel_cache.load(kernel.fn, kernel.constants, aoti.Library))
+        kernel.variants.extend(kernel_cache.load(kernel.fn, kernel.constants, aoti.Library, kernel.saved_names))
     variant = kernel.find(tensors)  # loaded, or compiled by another thread while this one waited
     if variant is None and _state["may_compile"]:
-        variant = _compile(kernel, tensors)
-        kernel.variants.append(variant)
+        with kernel_cache.compiling(kernel.fn, kernel.constants):
+            # another process may have compiled it while this one waited for the lock
+            kernel.variants.extend(kernel_cache.load(kernel.fn, kernel.constants, aoti.Library, kernel.saved_names))
+            variant = kernel.find(tensors)
+            if variant is None:
+                variant = _compile(kernel, tensors)
+                kernel.variants.append(variant)
     return variant
 
 
@@ -165,11 +182,14 @@ def _compile(kernel: _Kernel, tensors: tuple) -> aoti.Library:
     with tempfile.TemporaryDirectory(prefix="llmquant-kernel-") as scratch:
         library, spec = aoti.build(kernel.fn, kernel.constants, tensors, Path(scratch))
         variant = aoti.Library(library, spec)  # loaded before the folder goes (the loaded library stays)
-        kernel_cache.save(kernel.fn, kernel.constants, library, spec)
+        saved = kernel_cache.save(kernel.fn, kernel.constants, library, spec)
+        if saved:
+            kernel.saved_names.add(saved)
     kernel_cache.record_vec_isa_probe()
     if not variant.accepts(tensors):
         raise RuntimeError(f"the kernel compiled for {kernel.fn.__qualname__} does not accept its own inputs")
     return variant
 
 
-__all__ = ["AUTO_MIN_WEIGHTS", "MIN_GROUPS", "enabled", "may_compile", "run", "set_mode", "use_compiled", "worth_it"]
+__all__ = ["AUTO_MIN_WEIGHTS", "MIN_GROUPS", "enabled", "may_compile", "run", "set_mode", "take_missing",
+           "use_compiled", "worth_it"]

@@ -16,6 +16,7 @@ from model input. ``LLMQUANT_KERNEL_CACHE=0`` turns the cache off (every process
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,13 +26,18 @@ import shutil
 import sys
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 
 from llmquant.cache import cache_root
+
+try:
+    import fcntl
+except ImportError:  # Windows: kernels compiled at once by two processes are both saved (a wasted compile)
+    fcntl = None
 
 _ENV = "LLMQUANT_KERNEL_CACHE"
 _FORMAT = 2  # bump when what is saved changes (2: AOTInductor packages)
@@ -73,40 +79,68 @@ def _stem(fn: Callable, constants: tuple) -> str:
     return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__qualname__}-{tag}"
 
 
-def load(fn: Callable, constants: tuple, open_library: Callable[[Path, dict], T]) -> list[T]:
-    """Every saved variant of ``fn`` with these constant arguments, opened (deleting those that do not open)."""
+def load(fn: Callable, constants: tuple, open_library: Callable[[Path, dict], T],
+         skip: Collection[str] = ()) -> list[T]:
+    """Every saved variant of ``fn`` with these constant arguments, opened (deleting those that do not open),
+    but those whose file names are in ``skip``; each name opened is added to ``skip`` when it is a set."""
     where = folder()
     if where is None or not where.is_dir():
         return []
     variants = []
     for spec_path in sorted(where.glob(f"{_stem(fn, constants)}-*.json")):
+        if spec_path.name in skip:
+            continue
         library = spec_path.with_suffix(".so")
         try:
             variants.append(open_library(library, json.loads(spec_path.read_text())))
+            if isinstance(skip, set):
+                skip.add(spec_path.name)
         except Exception:  # truncated, or written by a torch this folder's key did not tell apart: compile again
             spec_path.unlink(missing_ok=True)
             library.unlink(missing_ok=True)
     return variants
 
 
-def save(fn: Callable, constants: tuple, library: Path, spec: dict) -> None:
+def save(fn: Callable, constants: tuple, library: Path, spec: dict) -> str | None:
     """Copy a freshly compiled library and its spec into the cache, each under a temporary name and renamed,
-    the spec last: a spec is there only when its library is complete. A cache that cannot be written costs only
-    time: one warning, and the next process compiles again."""
+    the spec last: a spec is there only when its library is complete. Returns the spec's file name (None when
+    nothing was saved). A cache that cannot be written costs only time: one warning, and the next process
+    compiles again."""
     where = folder()
     if where is None:
-        return
+        return None
     stem = _stem(fn, constants)
     try:
         _make(where)
         if len(list(where.glob(f"{stem}-*.json"))) >= MAX_VARIANTS:
-            return
+            return None
         name = f"{stem}-{uuid.uuid4().hex[:12]}"
         _write(where / f"{name}.so", library.read_bytes())
         _write(where / f"{name}.json", json.dumps(spec).encode())
+        return f"{name}.json"
     except Exception as error:
         _warn_once(f"llmquant: could not save a compiled kernel in {where} ({type(error).__name__}: {error}); "
                    f"every new process will compile it again. Set {_ENV}=0 to silence this.")
+        return None
+
+
+@contextlib.contextmanager
+def compiling(fn: Callable, constants: tuple) -> Iterator[None]:
+    """Hold this kernel's lock, across processes, while compiling it: a process that needs the same kernel
+    meanwhile waits, then loads what this one saved instead of compiling it again (``llmquant kernels build``
+    compiles several formats at once, and formats share kernels). No lock where the cache is off or unwritable."""
+    where = folder()
+    try:
+        if where is None or fcntl is None:
+            raise OSError
+        _make(where)
+        handle = open(where / f"{_stem(fn, constants)}.lock", "a")  # noqa: SIM115 (closed below, which unlocks)
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -183,4 +217,5 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["MAX_FOLDERS", "MAX_VARIANTS", "folder", "load", "record_vec_isa_probe", "reuse_vec_isa_probe", "save"]
+__all__ = ["MAX_FOLDERS", "MAX_VARIANTS", "compiling", "folder", "load", "record_vec_isa_probe", "reuse_vec_isa_probe",
+           "save"]
