@@ -8,8 +8,6 @@ loudly: nothing here skips.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,40 +17,17 @@ from tests.fixtures import TINY_CONFIGS, build_tiny_model
 TEST_CACHE = Path(os.environ.get("LLMQUANT_TEST_CACHE", Path(__file__).parent / ".cache")).resolve()
 
 
-# the formats whose quantize (with and without an imatrix) compiles every fused kernel, split in two halves of
-# similar compile time
-_KERNEL_GROUPS = (["Q3_K", "Q4_0", "Q5_0", "Q8_0"], ["Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K", "Q6_K"])
-_COMPILE_KERNELS = """
-import sys
-import numpy as np
-from llmquant.formats import compiled, quantize
-rng = np.random.default_rng(0)
-w = rng.standard_t(4, size=(256, 1536)).astype(np.float32)
-importance = (rng.random(1536) + 0.1).astype(np.float32)
-for name in sys.argv[1:]:
-    quantize(w, name)
-    quantize(w, name, importance)
-sys.exit(1 if compiled._state["broken"] else 0)
-"""
-
-
 @pytest.fixture(scope="session", autouse=True)
 def fused_kernels_compiled() -> None:
-    """Fill llmquant's kernel cache before the tests, two processes compiling at once: on a fresh machine the
-    tests would otherwise compile the 17 kernels one after another (~4.5 min on two cores). Nothing to do when
-    the cache has them (each process then takes ~2 s)."""
+    """Fill llmquant's kernel cache before the tests, as ``llmquant kernels build`` does (two processes compiling
+    at once): on a fresh machine the tests would otherwise compile the 17 kernels one after another (~4.5 min on
+    two cores). Little to do when the cache has them (each worker process then takes a few seconds)."""
     from llmquant.formats import compiled, kernel_cache
+    from llmquant.pipeline.kernels import build
 
     if not compiled._state["enabled"] or kernel_cache.folder() is None:  # LLMQUANT_COMPILE=0, LLMQUANT_KERNEL_CACHE=0
         return
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "LLMQUANT_COMPILE": "1", "PYTHONPATH": str(root)}
-    workers = [subprocess.Popen([sys.executable, "-c", _COMPILE_KERNELS, *group], cwd=root, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for group in _KERNEL_GROUPS]
-    for worker in workers:
-        output, _ = worker.communicate(timeout=1800)
-        assert worker.returncode == 0, f"compiling the fused kernels failed:\n{output[-3000:]}"
+    build(jobs=2)
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ def cli() -> None:
       llmquant quantize MODEL_DIR -o out.gguf --type Q4_K_M  # one command from model to quant
       llmquant eval     out.gguf --reference MODEL_DIR       # what the quant costs (KLD, PPL)
       llmquant inspect  out.gguf                             # what is inside a GGUF
+      llmquant kernels  build                                # once per machine: faster quantize on CPU
 
     Everywhere a model is accepted, 'smollm2-135m' names a small real model that ships with
     the 'demo' extra, so every command can be tried offline.
@@ -158,8 +159,8 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
 
     On the CPU the hottest searches run as fused kernels, compiled once per machine (10-30 s each) and loaded
     from ~/.cache/llmquant/kernels in milliseconds. Cached kernels always run; missing ones are compiled for
-    models of 10^9+ weights only. LLMQUANT_COMPILE=1 compiles them for any model (once fills the cache),
-    LLMQUANT_COMPILE=0 never uses them (same bytes either way).
+    models of 10^9+ weights only (smaller ones run eager, about 2x slower: run 'llmquant kernels build' once).
+    LLMQUANT_COMPILE=1 compiles them for any model, LLMQUANT_COMPILE=0 never uses them (same bytes either way).
 
     \b
     Examples:
@@ -262,6 +263,66 @@ def compare(models: tuple[str, ...], reference: str, text_files: tuple[str, ...]
         click.echo(f"{r.model}: {(r.size_bytes or 0) / 1e6:.1f} MB  PPL {f.ppl:.4f}  KLD {f.kld_mean:.5f}  "
                    f"same top {100 * f.top1_agreement:.2f}%")
     click.echo("wrote " + ", ".join(str(p) for p in written.values()))
+
+
+@cli.group()
+def kernels() -> None:
+    """The fused CPU kernels: build them once, list them, clear them.
+
+    On the CPU the hottest quantization searches run as kernels compiled from llmquant's own PyTorch code
+    (same bytes as eager PyTorch, about twice as fast, faster than llama.cpp). Each is compiled once per
+    machine and kept in ~/.cache/llmquant/kernels ($LLMQUANT_CACHE); a quantize job compiles the ones it lacks
+    only for models of 10^9+ weights, so after installing, build them all once:
+
+    \b
+      llmquant kernels build      # a few minutes; needs a C++ compiler (gcc)
+      llmquant kernels list
+      llmquant kernels clear
+    """
+
+
+@kernels.command("build")
+@click.option("-j", "--jobs", type=int, default=None, help="Formats compiled at once (default: the cores, at most 8).")
+def kernels_build(jobs: int | None) -> None:
+    """Compile every format's kernels that the cache lacks (nothing to do when it has them)."""
+    import time
+
+    from llmquant.pipeline.kernels import block_formats, build, cached
+
+    names = block_formats()
+    click.echo(f"compiling the kernels of {len(names)} formats (each once per machine)", err=True)
+    start = time.perf_counter()
+    with click.progressbar(length=len(names), label="formats", file=sys.stderr) as bar:
+        build(names, jobs=jobs, on_done=lambda name, seconds: bar.update(1))
+    where, files = cached()
+    click.echo(f"{len(files)} kernels in {where} ({time.perf_counter() - start:.0f} s)")
+
+
+@kernels.command("list")
+def kernels_list() -> None:
+    """Show the kernel folder of this llmquant, torch and CPU, and the kernels saved in it."""
+    from llmquant.pipeline.inspect import human_bytes
+    from llmquant.pipeline.kernels import cached
+
+    where, files = cached()
+    if where is None:
+        click.echo("the kernel cache is off (LLMQUANT_KERNEL_CACHE=0)")
+        return
+    click.echo(f"{where}: {len(files)} kernel{'' if len(files) == 1 else 's'}, "
+               f"{human_bytes(sum(f.n_bytes for f in files))}")
+    for f in files:
+        click.echo(f"  {f.name}  {human_bytes(f.n_bytes)}")
+    if not files:
+        click.echo("none yet: 'llmquant kernels build' compiles them")
+
+
+@kernels.command("clear")
+def kernels_clear() -> None:
+    """Delete every saved kernel (they are compiled again when needed)."""
+    from llmquant.pipeline.inspect import human_bytes
+    from llmquant.pipeline.kernels import clear
+
+    click.echo(f"deleted {human_bytes(clear())} of kernels")
 
 
 def main() -> None:

@@ -54,6 +54,7 @@ class QuantizeResult:
     imatrix: str | None  # where the importance matrix came from, or None
     fallbacks: int = 0
     unweighted: list[str] = field(default_factory=list)  # quantized tensors the imatrix had no entry for
+    eager_kernels: int = 0  # fused kernels the cache lacked and this (small) job did not compile: ran eager
 
     @property
     def bits_per_weight(self) -> float:
@@ -261,6 +262,7 @@ def quantize_gguf(
 ) -> QuantizeResult:
     """Write ``source`` as file type ``ft`` to ``output`` (under a temporary name until complete)."""
     start = time.perf_counter()
+    compiled.take_missing()  # only this job's
     options = options or MixOptions()
     options = MixOptions(**{**options.__dict__, "has_imatrix": imatrix is not None})
     arch_info = arch_info_from_metadata(source.metadata)
@@ -339,6 +341,7 @@ def quantize_gguf(
         imatrix=imatrix_name,
         fallbacks=len(plan.fallbacks),
         unweighted=unweighted,
+        eager_kernels=len(compiled.take_missing()),
     )
 
 
@@ -483,4 +486,7 @@ def format_results(results: Sequence[QuantizeResult]) -> str:
                 lines.append(f"  {len(r.unweighted)} tensors had no imatrix entry (e.g. {r.unweighted[0]})")
         else:
             lines.append("  no importance matrix: quantized without one (give --imatrix or --calib for better quality)")
+        if r.eager_kernels:
+            lines.append(f"  {r.eager_kernels} fused CPU kernels are not compiled on this machine yet: their work ran "
+                         "in eager PyTorch (about 2x slower, same bytes); 'llmquant kernels build' compiles them once")
     return "\n".join(lines)
