@@ -125,6 +125,39 @@ def test_experts_in_small_parts_match_llama_cpp(file_type, tiny_moe_gguf, tmp_pa
     assert any(name.endswith("_exps.weight") for name in tensors_of(ours))
 
 
+def test_finished_parts_waiting_to_be_written_stay_bounded(tiny_gguf, tmp_path, monkeypatch):
+    """Tensors cut into hundreds of parts: the workers never get more than the queue's length ahead of the
+    writer, however many parts one tensor has (finished parts wait in memory)."""
+    import threading
+    import time
+
+    from llmquant.gguf_io.writer import StreamingGGUFWriter
+    from llmquant.pipeline import quantize as pipeline
+
+    monkeypatch.setattr(pipeline, "PART_WEIGHTS", 3 * 256)
+    counts = {"started": 0, "written": 0, "most_ahead": 0}
+    lock = threading.Lock()
+    encode, write = pipeline._encode_part, StreamingGGUFWriter.write
+
+    def counted_encode(*args):
+        with lock:
+            counts["started"] += 1
+            counts["most_ahead"] = max(counts["most_ahead"], counts["started"] - counts["written"])
+        return encode(*args)
+
+    def slow_write(self, *args):  # a slow disk: the workers would race ahead
+        time.sleep(0.0005)
+        with lock:
+            counts["written"] += 1
+        return write(self, *args)
+
+    monkeypatch.setattr(pipeline, "_encode_part", counted_encode)
+    monkeypatch.setattr(StreamingGGUFWriter, "write", slow_write)
+    quantize_model(tiny_gguf, tmp_path / "out.gguf", "Q8_0", threads=2)
+    assert counts["started"] > 500
+    assert counts["most_ahead"] <= pipeline.PARTS_AHEAD_PER_WORKER * 2 + 1
+
+
 @pytest.mark.parametrize("options", [
     MixOptions(pure=True),
     MixOptions(output_tensor_type="Q8_0", token_embedding_type="Q4_0"),

@@ -172,8 +172,10 @@ PART_WEIGHTS = 1 << 21
 # parts queued per worker ahead of the one being written. Parts differ in cost (SmolLM2's Q6_K: each layer's
 # ffn_down is a slow Q6_K part among six fast Q8_0 ones), so a short queue leaves one worker idle while the other
 # finishes the slow part; 8 lets a worker run a layer or two ahead. Memory: at most this many finished parts
-# (a few MB each) wait to be written.
+# (a few MB each) wait to be written, and at most MAX_PARTS_AHEAD in all once there are many workers (but never
+# fewer than two per worker).
 PARTS_AHEAD_PER_WORKER = 8
+MAX_PARTS_AHEAD = 64
 
 
 @dataclass(frozen=True)
@@ -294,8 +296,8 @@ def quantize_gguf(
         _copy_metadata(writer, source, ft)
         writer.begin()
         bar = _progress_bar(n_weights, ft.name, progress)
-        # parts are quantized in order by the workers, up to PARTS_AHEAD_PER_WORKER each ahead of the one being
-        # written (memory stays bounded)
+        # parts are quantized in order by the workers, a bounded number ahead of the one being written
+        parts_ahead = max(2 * n_workers, min(PARTS_AHEAD_PER_WORKER * n_workers, MAX_PARTS_AHEAD))
         in_flight: deque[tuple[str, int, Future]] = deque()
 
         def write_oldest() -> None:
@@ -307,20 +309,23 @@ def quantize_gguf(
             bar.set_postfix_str(part_name, refresh=False)
             bar.update(part_weights)
 
+        def submit(part: _Part, job: Callable[..., np.ndarray], *args: Any) -> None:
+            in_flight.append((part.name, part.n_weights, pool.submit(job, source, part, *args)))
+            while len(in_flight) > parts_ahead:  # per part: one huge tensor's parts do not pile up either
+                write_oldest()
+
         try:
             for name, type_name in plan.types.items():
                 t = source.tensor(name)
                 if type_name == t.type_name:  # kept as it is: copied byte for byte
                     for part in _parts(name, t.shape, t.type_name, type_name, None):
-                        in_flight.append((name, part.n_weights, pool.submit(_copy_part, source, part)))
+                        submit(part, _copy_part)
                 else:
                     importance = _importance_for(name, t.shape, imatrix)
                     if imatrix is not None and importance is None and FORMATS[type_name].block_size > 1:
                         unweighted.append(name)
                     for part in _parts(name, t.shape, t.type_name, type_name, importance):
-                        in_flight.append((name, part.n_weights, pool.submit(_encode_part, source, part, dev)))
-                while len(in_flight) > PARTS_AHEAD_PER_WORKER * n_workers:
-                    write_oldest()
+                        submit(part, _encode_part, dev)
             while in_flight:
                 write_oldest()
         except BaseException:
