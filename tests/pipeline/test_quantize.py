@@ -268,6 +268,14 @@ def test_memory_stays_far_below_the_models_size(tiny_gguf, smollm2_f32_gguf, tmp
     assert (tmp_path / "out.gguf").stat().st_size > source // 4  # Q8_0: every weight was written
 
 
+def test_malloc_keeps_freed_memory_for_the_next_part_where_it_is_glibc():
+    import platform
+
+    from llmquant.pipeline.quantize import keep_freed_memory
+
+    assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+
+
 def test_our_file_runs_in_llama_cpp_and_loads_in_transformers(smollm2_f32_gguf, tmp_path):
     from llama_cpp import Llama
 

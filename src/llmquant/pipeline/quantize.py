@@ -9,6 +9,8 @@ the file has the same tensor types, layout and size as ``llama-quantize``'s.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import shutil
 import tempfile
@@ -246,6 +248,22 @@ def _copy_part(source: GGUFSource, part: _Part) -> np.ndarray:
     return source.read(part.name, *_byte_range(part))
 
 
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep up to 256 MiB of freed memory per heap and to serve blocks up to 64 MiB from it,
+    once per process; False where the C library is not glibc. By default a freed block of a few MB goes back to
+    the system at once, and the next part's temporaries of the same size fault their pages in again, one per
+    4 KiB: 20-25% of a SmolLM2 job. The memory kept is what the job's peak used anyway."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl, macOS, Windows
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 64 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
+
+
 def _set_torch_threads_to_one() -> None:
     # OpenMP's thread count is per thread: each worker sets its own
     torch.set_num_threads(1)
@@ -281,6 +299,8 @@ def quantize_gguf(
     # CPU: each worker quantizes whole parts with torch single-threaded (the block math is many small element-wise
     # ops, which torch's own intra-op threads slow down rather than speed up); CUDA: one worker feeds the GPU
     n_workers = (threads or os.cpu_count() or 1) if dev.type == "cpu" else 1
+    if dev.type == "cpu":
+        keep_freed_memory()
     arch = str(source.metadata["general.architecture"])
     unweighted: list[str] = []
     n_weights = sum(source.tensor(name).n_elements for name in plan.types)
