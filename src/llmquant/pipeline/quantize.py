@@ -494,6 +494,10 @@ def _output_stem(model: str | os.PathLike, model_path: Path) -> str:
     return stem
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def format_results(results: Sequence[QuantizeResult]) -> str:
     from llmquant.pipeline.inspect import human_bytes
 
@@ -504,14 +508,16 @@ def format_results(results: Sequence[QuantizeResult]) -> str:
                      f"{r.seconds:.1f} s")
         lines.append(f"  tensors: {types}")
         if r.fallbacks:
-            lines.append(f"  {r.fallbacks} tensors used a fallback type (rows not a multiple of the block size)")
+            lines.append(f"  {_count(r.fallbacks, 'tensor')} used a fallback type (rows not a multiple of the block "
+                         "size)")
         if r.imatrix:
             lines.append(f"  importance matrix: {r.imatrix}")
             if r.unweighted:
-                lines.append(f"  {len(r.unweighted)} tensors had no imatrix entry (e.g. {r.unweighted[0]})")
+                lines.append(f"  {_count(len(r.unweighted), 'tensor')} had no imatrix entry (e.g. {r.unweighted[0]})")
         else:
             lines.append("  no importance matrix: quantized without one (give --imatrix or --calib for better quality)")
         if r.eager_kernels:
-            lines.append(f"  {r.eager_kernels} fused CPU kernels are not compiled on this machine yet: their work ran "
-                         "in eager PyTorch (about 2x slower, same bytes); 'llmquant kernels build' compiles them once")
+            lines.append(f"  {_count(r.eager_kernels, 'fused CPU kernel')} not compiled on this machine yet: their "
+                         "work ran in eager PyTorch (about 2x slower, same bytes); 'llmquant kernels build' compiles "
+                         "them once")
     return "\n".join(lines)
