@@ -46,8 +46,10 @@ def bench_ours(model_dir: Path, chunks, device: str) -> float:
 def bench_llama_cpp(gguf_path: Path, chunks, threads: int) -> float:
     import llama_cpp
 
+    from llmquant.evaluate.llama_runtime import open_llama
+
     n_ctx = chunks.n_ctx
-    llm = llama_cpp.Llama(str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+    llm = open_llama(gguf_path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
                           n_threads_batch=threads, logits_all=True, verbose=False)
 
     def run_chunk(ids: list[int]) -> None:

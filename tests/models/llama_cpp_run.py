@@ -15,10 +15,10 @@ GGML_TYPE_F32 = 0
 
 
 def load_llama_cpp(gguf_file: Path, n_ctx: int = 512):
-    from llama_cpp import Llama
+    from llmquant.evaluate.llama_runtime import open_llama
 
     # F32 KV cache: llama.cpp's default F16 cache alone rounds logits by ~1e-2
-    return Llama(str(gguf_file), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
+    return open_llama(gguf_file, n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
                  type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
 
 

@@ -33,8 +33,9 @@ def test_demo_folder_is_a_plain_bf16_model_with_tokenizer(smollm2_hf: Path):
 
 def test_demo_folder_predicts_like_llama_cpp_on_the_original_gguf(smollm2_hf: Path, smollm2_gguf: Path):
     """Same next-token predictions as llama.cpp running the shipped Q4_1 file: the q/k permutation was undone."""
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmquant.evaluate.llama_runtime import open_llama
 
     text = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
     tokenizer = AutoTokenizer.from_pretrained(smollm2_hf)
@@ -43,7 +44,7 @@ def test_demo_folder_predicts_like_llama_cpp_on_the_original_gguf(smollm2_hf: Pa
     with torch.no_grad():
         hf_logits = model(torch.tensor([ids])).logits[0].numpy()
 
-    llm = Llama(str(smollm2_gguf), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    llm = open_llama(smollm2_gguf, n_ctx=256, logits_all=True, verbose=False, n_threads=2)
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
     llm.eval(ids)
     cpp_logits = np.array(llm.scores[: len(ids)])

@@ -109,7 +109,7 @@ class TorchBackend:
 def _gguf_tokenizer(path: Path):
     """llama.cpp's own tokenizer for the file (vocab only, fast); transformers' GGUF tokenizer without it."""
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401 (only whether it is installed)
     except ImportError:
         from transformers import AutoTokenizer
 
@@ -117,7 +117,9 @@ def _gguf_tokenizer(path: Path):
 
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return lambda text: tokenize_like_llama_cpp(tokenizer, text)
-    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    from llmquant.evaluate.llama_runtime import open_llama
+
+    vocab = open_llama(path, vocab_only=True, verbose=False)
     return lambda text: vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
 
@@ -218,13 +220,15 @@ class LlamaCppBackend:
         except ImportError:
             raise InputError("the llama.cpp backend needs llama-cpp-python: pip install 'llmquant[llamacpp]' "
                              "(or use --backend torch)") from None
+        from llmquant.evaluate.llama_runtime import open_llama
+
         self._llama_cpp = llama_cpp
         self.path = path
         self.n_ctx = n_ctx
         threads = threads or os.cpu_count() or 1
         try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                       logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False)
+            self.llm = open_llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                 logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False)
         except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError for files llama.cpp refuses
             raise InputError(f"{path}: llama.cpp could not load it ({type(exc).__name__}: {exc})") from None
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
