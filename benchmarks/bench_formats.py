@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
             for with_imatrix in (False, True):
                 imatrix = random_imatrix(weights.shape[1], seed=1) if with_imatrix else None
                 imatrix_on_device = None if imatrix is None else torch.from_numpy(imatrix).to(device)
-                # warm-up: first-call costs (kernels, tables, the oracle's library) stay out of the timings
+                # warm-up: first-call costs (numba's compile or cache load, tables, the oracle's library) stay out
+                # of the timings
                 quantize(on_device[:8], type_name, imatrix_on_device)
                 ggml_quantize(weights[:8], type_name, imatrix)
                 rates, ours_bytes = [], None

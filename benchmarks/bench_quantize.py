@@ -2,7 +2,7 @@
 
     python benchmarks/bench_quantize.py                         # SmolLM2-135M F32, a few types, 2 threads
     python benchmarks/bench_quantize.py --types Q4_K_M,IQ4_XS --threads 2 --imatrix
-    python benchmarks/bench_quantize.py --model 1b --types Q4_K_M --compile auto   # a 1.17e9-weight llama
+    python benchmarks/bench_quantize.py --model 1b --types Q4_K_M --fresh   # a 1.17e9-weight llama
 
 Both read the same F32 GGUF (the demo model's Q4_1 weights dequantized; read once first, so that both find it in
 the page cache) and write to a temporary folder; both get the same thread count and, with --imatrix, the same
@@ -25,7 +25,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmquant.formats import compiled  # noqa: E402
 from llmquant.models.demo import demo_gguf_path  # noqa: E402
 from llmquant.oracles.llama_quantize import llama_quantize  # noqa: E402
 from llmquant.pipeline.quantize import quantize_model  # noqa: E402
@@ -44,17 +43,11 @@ def main() -> None:
     parser.add_argument("--model", default=None,
                         help="an F32/F16 GGUF, or '1b': a random F32 llama of TinyLlama-1.1B's shape (22 layers, "
                              "hidden 2048, ffn 5632, GQA 8; 4.7 GB, written once to tests/.cache), where "
-                             "the fused kernels' per-process start is spread over a realistic job "
-                             "(default: SmolLM2-135M as F32)")
-    parser.add_argument("--compile", choices=["on", "off", "auto"], default="on",
-                        help="our fused CPU kernels: on (default here: compiled where llmquant's kernel cache "
-                             "lacks them), off (eager), or auto (as the CLI does: cached kernels run, missing ones "
-                             "are compiled for models of 1e9+ weights only, else those calls run eager)")
+                             "a process's start is spread over a realistic job (default: SmolLM2-135M as F32)")
     parser.add_argument("--fresh", action="store_true",
                         help="run each type's two runs of ours in a new process, as the CLI does (default: all in "
-                             "this one, so only the first type pays for loading the kernels)")
+                             "this one, so only the first type pays for the imports and numba's cache loads)")
     args = parser.parse_args()
-    compiled.set_mode(args.compile)
 
     cache = Path(__file__).resolve().parents[1] / "tests" / ".cache"
     smollm2 = smollm2_gguf_as(demo_gguf_path(), cache, "F32")
@@ -64,15 +57,14 @@ def main() -> None:
     else:
         model = Path(args.model) if args.model else smollm2
     _read_once(model)  # into the page cache: else the first run (ours) alone pays for the disk
-    print(f"model {model.name}, threads {args.threads}, imatrix {'yes' if args.imatrix else 'no'}, "
-          f"fused kernels {args.compile}")
+    print(f"model {model.name}, threads {args.threads}, imatrix {'yes' if args.imatrix else 'no'}")
     if args.fresh:
-        print("ours 1st: the type's first run, in a new process (timed around quantize_model: it loads the fused")
-        print("kernels from llmquant's kernel cache, or compiles them where the cache lacks them); ours: the same")
-        print("job again in that process")
+        print("ours 1st: the type's first run, in a new process (timed around quantize_model: it loads numba's")
+        print("cached searches from __pycache__, or compiles them on a machine's first use); ours: the same job")
+        print("again in that process")
     else:
-        print("ours 1st: the first run in this process (the first type loads the fused kernels from llmquant's")
-        print("kernel cache, or compiles them where it lacks them); ours: the same job again in this process")
+        print("ours 1st: the first run in this process (the first type loads numba's cached searches, or compiles")
+        print("them on a machine's first use); ours: the same job again in this process")
     print(f"{'type':<8} {'ours 1st s':>10} {'ours s':>8} {'llama.cpp s':>12} {'ratio 1st':>10} {'ratio':>7}  identical")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -112,12 +104,11 @@ def _two_runs(model: Path, ours: Path, file_type: str, imatrix_file: Path | None
 def _two_runs_in_a_new_process(model: Path, ours: Path, file_type: str, imatrix_file: Path | None,
                                args: argparse.Namespace) -> list[float]:
     script = ("import json, sys; from pathlib import Path; from benchmarks.bench_quantize import _two_runs; "
-              "from llmquant.formats import compiled; compiled.set_mode(sys.argv[6]); "
               "print(json.dumps(_two_runs(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], "
               "Path(sys.argv[4]) if sys.argv[4] else None, int(sys.argv[5]))))")
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", script, str(model), str(ours), file_type, str(imatrix_file or ""),
-                           str(args.threads), args.compile], capture_output=True, text=True, cwd=root,
+                           str(args.threads)], capture_output=True, text=True, cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root)}, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -17,19 +17,6 @@ from tests.fixtures import TINY_CONFIGS, build_tiny_model
 TEST_CACHE = Path(os.environ.get("LLMQUANT_TEST_CACHE", Path(__file__).parent / ".cache")).resolve()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def fused_kernels_compiled() -> None:
-    """Fill llmquant's kernel cache before the tests, as ``llmquant kernels build`` does (two processes compiling
-    at once): on a fresh machine the tests would otherwise compile the 17 kernels one after another (~4.5 min on
-    two cores). Little to do when the cache has them (each worker process then takes a few seconds)."""
-    from llmquant.formats import compiled, kernel_cache
-    from llmquant.pipeline.kernels import build
-
-    if not compiled._state["enabled"] or kernel_cache.folder() is None:  # LLMQUANT_COMPILE=0, LLMQUANT_KERNEL_CACHE=0
-        return
-    build(jobs=2)
-
-
 @pytest.fixture(scope="session")
 def test_cache() -> Path:
     TEST_CACHE.mkdir(parents=True, exist_ok=True)

@@ -30,3 +30,15 @@ def test_every_command_help_has_an_example(command: str):
     assert result.exit_code == 0
     assert "Example" in result.output
     assert f"llmquant {command}" in result.output
+
+
+def test_quantize_help_lists_the_registered_file_and_tensor_types():
+    from llmquant.formats import FORMATS
+    from llmquant.pipeline.quantize import supported_file_types, supported_tensor_types
+
+    result = CliRunner().invoke(cli, ["quantize", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # click wraps the epilog at spaces
+    assert f"File types (--type): {' '.join(supported_file_types())}." in text
+    assert ", ".join(f"{name} ({FORMATS[name].bits_per_weight:g})" for name in supported_tensor_types()) in text
+    assert set(supported_tensor_types()) == set(FORMATS)

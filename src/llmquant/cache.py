@@ -1,4 +1,4 @@
-"""Where llmquant keeps what it derives once and reuses: the demo model's folder, compiled kernels."""
+"""Where llmquant keeps what it derives once and reuses: the demo model's folder."""
 
 from __future__ import annotations
 

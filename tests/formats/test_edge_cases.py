@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+import torch
 
 from llmquant.formats import FORMATS, dequantize, quantize
 from llmquant.oracles.ggml import ggml_quantize
@@ -158,3 +159,16 @@ def test_round_trip_of_zeros_is_zeros(type_name: str):
     weights = np.zeros((2, COLUMNS), dtype=np.float32)
     back = dequantize(quantize(weights, type_name, imatrix=_imatrix("with_zeros")), type_name, weights.shape)
     np.testing.assert_array_equal(back, weights)
+
+
+@pytest.mark.parametrize("case", sorted(EDGE_CASES))
+@pytest.mark.parametrize("type_name", [name for name in ALL_FORMATS if hasattr(FORMATS[name], "Params")])
+def test_unpack_and_pack_keep_ggml_bytes_on_edge_case(type_name: str, case: str):
+    fmt = registered(type_name)
+    theirs = ggml_quantize(EDGE_CASES[case](), type_name, imatrix=_imatrix("with_zeros"))
+    blocks = torch.from_numpy(theirs.reshape(-1, fmt.bytes_per_block))
+    levels, params = fmt.unpack(blocks)
+    assert np.array_equal(fmt.pack(levels, params).numpy(), blocks.numpy())
+    back = fmt.reconstruct(params).weights(levels).numpy().reshape(-1)
+    n_weights = theirs.size // fmt.bytes_per_block * fmt.block_size
+    np.testing.assert_array_equal(back, dequantize(theirs, type_name, (n_weights,)))

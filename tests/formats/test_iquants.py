@@ -9,14 +9,15 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from llmquant.formats import FORMATS, dequantize, quantize
-from llmquant.formats.iquants import IQ4_LEVELS, nearest_level_index
+from llmquant.formats.base import Grid
+from llmquant.formats.iquants import IQ4_LEVELS, best_index_int8
 from llmquant.oracles.ggml import ggml_quantize
 from tests.formats.compare import compare_with_ggml, heavy_tailed, random_imatrix
 
 IQ4_TYPES = ["IQ4_NL", "IQ4_XS"]
 
 
-def best_index_int8(x: np.float32) -> int:
+def reference_best_index_int8(x: np.float32) -> int:
     """ggml-quants.c's best_index_int8 over kvalues_iq4nl, step by step in float32 (the test's reference)."""
     values = [np.float32(v) for v in IQ4_LEVELS]
     if x <= values[0]:
@@ -31,6 +32,21 @@ def best_index_int8(x: np.float32) -> int:
         else:
             low = middle
     return high - 1 if np.float32(x - values[high - 1]) < np.float32(values[high] - x) else high
+
+
+_IQ4_VALUES = np.array(IQ4_LEVELS, dtype=np.float32)
+
+
+def nearest_level_index(scaled: torch.Tensor) -> torch.Tensor:
+    """Grid.nearest on the IQ4 grid under unit scales: the nearest level of each value, ties upward."""
+    flat = scaled.reshape(1, -1)
+    grid = Grid(torch.ones_like(flat), None, torch.from_numpy(_IQ4_VALUES))
+    return grid.nearest(flat).reshape(scaled.shape)
+
+
+def numba_best_index_int8(x: np.ndarray) -> np.ndarray:
+    """The module's numba best_index_int8 (what the searches call) on each value."""
+    return np.array([best_index_int8(_IQ4_VALUES, np.float32(v)) for v in x])
 
 
 def test_nearest_level_index_matches_best_index_int8_around_every_midpoint():
@@ -48,12 +64,14 @@ def test_nearest_level_index_matches_best_index_int8_around_every_midpoint():
     points += [np.float32(v) for v in (0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, np.inf, -np.inf)]
     x = np.array(points, dtype=np.float32)
     ours = nearest_level_index(torch.from_numpy(x)).numpy()
-    expected = np.array([best_index_int8(v) for v in x])
+    expected = np.array([reference_best_index_int8(v) for v in x])
     np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(numba_best_index_int8(x), expected)
 
 
 def test_nearest_level_index_of_nan_is_the_last_level_as_the_c_search():
     assert nearest_level_index(torch.tensor([float("nan")])).tolist() == [15]
+    assert numba_best_index_int8(np.array([np.nan], dtype=np.float32)).tolist() == [15]
 
 
 @pytest.mark.parametrize("type_name", IQ4_TYPES)

@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from llmquant.formats import dequantize, quantize
-from llmquant.formats.kquants import _mm_pack_k4_scales, _mm_unpack_k4_scales
+from llmquant.formats.kquants import pack_k4_scales, unpack_k4_scales
 from llmquant.oracles.ggml import ggml_quantize
 from tests.formats.compare import compare_with_ggml, heavy_tailed, random_imatrix
 
@@ -63,7 +63,7 @@ def test_zero_constant_and_tiny_sub_blocks_match_ggml(type_name: str):
 def test_k4_scale_packing_round_trips_all_6_bit_values():
     # get_scale_min_k4's layout: 8 six-bit scales and 8 six-bit mins in 12 bytes
     levels = torch.arange(64).reshape(8, 8)
-    packed = _mm_pack_k4_scales(levels, 63 - levels)
-    scales, mins = _mm_unpack_k4_scales(packed)
+    packed = pack_k4_scales(levels, 63 - levels)
+    scales, mins = unpack_k4_scales(packed)
     assert packed.shape == (8, 12)
     assert torch.equal(scales, levels) and torch.equal(mins, 63 - levels)

@@ -18,10 +18,9 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from llmquant.errors import InputError
-from llmquant.formats import compiled
 from llmquant.gguf_io.imatrix import imatrix_data_from_sums, write_imatrix_gguf
 from llmquant.oracles.llama_quantize import llama_quantize
-from llmquant.pipeline.quantize import QUANTIZE_FILE_TYPES, quantize_model
+from llmquant.pipeline.quantize import quantize_model, supported_file_types
 from llmquant.recipes import MixOptions
 from tests.gguf_fixtures import small_vocab_tokenizer_gguf
 from tests.recipes.conftest import TINY_LLAMA, TINY_MOE, write_tiny_llama_gguf
@@ -83,10 +82,10 @@ def assert_same_as_llama_cpp(ours: Path, theirs: Path) -> None:
 
 
 def quantize_both(src: Path, tmp_path: Path, file_type: str, imatrix: dict[str, np.ndarray] | None,
-                  options: MixOptions | None = None) -> tuple[Path, Path]:
+                  options: MixOptions | None = None, threads: int | None = None) -> tuple[Path, Path]:
     imatrix_file = write_imatrix_file(imatrix, tmp_path / "imatrix.gguf") if imatrix is not None else None
     ours = quantize_model(src, tmp_path / f"ours-{file_type}.gguf", file_type, imatrix_file=imatrix_file,
-                          options=options)[0].path
+                          options=options, threads=threads)[0].path
     options = options or MixOptions()
     theirs = llama_quantize(src, tmp_path / f"llama-{file_type}.gguf", file_type, imatrix=imatrix,
                             pure=options.pure, output_tensor_type=options.output_tensor_type,
@@ -95,7 +94,7 @@ def quantize_both(src: Path, tmp_path: Path, file_type: str, imatrix: dict[str, 
     return ours, theirs
 
 
-@pytest.mark.parametrize("file_type", QUANTIZE_FILE_TYPES)
+@pytest.mark.parametrize("file_type", supported_file_types())
 def test_every_type_matches_llama_cpp_on_a_tiny_model_with_an_imatrix(file_type, tiny_gguf, tmp_path):
     ours, theirs = quantize_both(tiny_gguf, tmp_path, file_type, random_imatrix(tiny_gguf))
     assert_same_as_llama_cpp(ours, theirs)
@@ -117,7 +116,7 @@ def test_smollm2_matches_llama_cpp(file_type, smollm2_f32_gguf, tmp_path):
 def test_experts_in_small_parts_match_llama_cpp(file_type, tiny_moe_gguf, tmp_path, monkeypatch):
     """Stacked expert tensors take one importance vector per expert; with parts of 37 rows (of 256) each expert's
     matrix ends in a part cut short (34 rows), the next expert starts a new part with its own vector, and the
-    bytes are still llama.cpp's. (3-row parts took 6-8 min: 18,800 eager calls.)"""
+    bytes are still llama.cpp's. (Not 3-row parts: 18,800 calls, which took 6-8 min with the PyTorch searches.)"""
     from llmquant.pipeline import quantize as pipeline
 
     monkeypatch.setattr(pipeline, "PART_WEIGHTS", 37 * 256)
@@ -241,7 +240,7 @@ def rss():  # resident bytes now, file pages included (ru_maxrss cannot be reset
         return int(f.read().split()[1]) * 4096
 
 small, big, out = sys.argv[1:4]
-quantize_model(Path(small), Path(out + ".warm.gguf"), "Q8_0", threads=2)  # imports, kernels, worker buffers
+quantize_model(Path(small), Path(out + ".warm.gguf"), "Q8_0", threads=2)  # imports, numba, worker buffers
 before, peak, done = rss(), [0], threading.Event()
 
 def sample():
@@ -278,10 +277,10 @@ def test_malloc_keeps_freed_memory_for_the_next_part_where_it_is_glibc():
 
 
 def test_our_file_runs_in_llama_cpp_and_loads_in_transformers(smollm2_f32_gguf, tmp_path):
-    from llama_cpp import Llama
+    from llmquant.evaluate.llama_runtime import open_llama
 
     path = quantize_model(smollm2_f32_gguf, tmp_path / "smollm2-Q4_K_M.gguf", "Q4_K_M")[0].path
-    llm = Llama(str(path), n_ctx=128, verbose=False, n_threads=2)
+    llm = open_llama(path, n_ctx=128, verbose=False, n_threads=2)
     text = llm("The capital of France is", max_tokens=4, temperature=0.0)["choices"][0]["text"]
     assert "Paris" in text
 
@@ -311,28 +310,9 @@ def test_cli_quantizes_the_demo_model_with_an_on_the_fly_imatrix(tmp_path):
 
 
 @pytest.mark.parametrize("file_type", ["Q4_0", "Q5_1", "Q6_K", "Q3_K_M"])
-def test_fused_kernels_in_worker_threads_give_llama_cpps_file(file_type, tiny_gguf, tmp_path, monkeypatch):
-    # forced on (a small job in auto mode compiles no kernel), the kernels run in both worker threads
-    for key in ("enabled", "forced"):  # restored afterwards
-        monkeypatch.setitem(compiled._state, key, compiled._state[key])
-    compiled.set_mode("on")
-    assert compiled.worth_it(1)
-    ours, theirs = quantize_both(tiny_gguf, tmp_path, file_type, random_imatrix(tiny_gguf))
-    assert not compiled._state["broken"]
+def test_two_worker_threads_give_llama_cpps_file(file_type, tiny_gguf, tmp_path):
+    # the numba searches release the GIL: two worker threads run them at once, and the file is still llama.cpp's,
+    # byte for byte
+    ours, theirs = quantize_both(tiny_gguf, tmp_path, file_type, random_imatrix(tiny_gguf), threads=2)
     assert_same_as_llama_cpp(ours, theirs)
     assert ours.read_bytes() == theirs.read_bytes()
-
-
-def test_auto_mode_compiles_missing_kernels_only_for_large_jobs(monkeypatch):
-    for key in ("enabled", "forced"):
-        monkeypatch.setitem(compiled._state, key, compiled._state[key])
-    monkeypatch.setitem(compiled._state, "broken", False)
-    compiled.set_mode("auto")
-    assert not compiled.worth_it(135_000_000)
-    assert compiled.worth_it(compiled.AUTO_MIN_WEIGHTS)
-    compiled.set_mode("off")  # LLMQUANT_COMPILE=0
-    assert not compiled.worth_it(10 * compiled.AUTO_MIN_WEIGHTS)
-    compiled.set_mode("on")
-    assert compiled.worth_it(1)
-    with pytest.raises(ValueError, match="choose on, off or auto"):
-        compiled.set_mode("sometimes")

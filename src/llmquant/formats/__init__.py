@@ -1,9 +1,11 @@
-"""llama.cpp's block formats in vectorized PyTorch, byte-compatible with ggml.
+"""llama.cpp's block formats, byte-compatible with ggml.
 
     from llmquant.formats import quantize, dequantize, FORMATS
     data = quantize(weights, "Q4_K", imatrix=None)   # uint8 numpy [rows, row_bytes], ggml's block layout
     w = dequantize(data, "Q4_K", shape)              # float32 numpy (or torch, same device as data)
 
+Each format's steps are public too (``base.BlockFormat``): ``choose_params``, ``reconstruct``, ``encode``,
+``pack``, ``unpack``. ggml's searches are numba ports run on the CPU; the rest is PyTorch on any device.
 Pure block math: nothing here knows of files, models or the command line.
 """
 
@@ -15,13 +17,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from llmquant.formats import compiled, floats, iquants, kquants, legacy  # noqa: F401  (registers the formats)
-from llmquant.formats.base import REGISTRY, BlockFormat
+from llmquant.formats import floats, iquants, kquants, legacy  # noqa: F401  (registers the formats)
+from llmquant.formats.base import REGISTRY, BlockFormat, Grid
 
 FORMATS: dict[str, BlockFormat] = REGISTRY
 
-# rows per chunk so that a chunk holds about this many weights: bounds the temporaries of the searches
-_CHUNK_WEIGHTS = 1 << 22
+# rows per chunk so that a chunk holds about this many weights: bounds the temporaries of packing
+_CHUNK_WEIGHTS = 1 << 20
 
 
 def get_format(type_name: str) -> BlockFormat:
@@ -74,10 +76,7 @@ def quantize(weights, type_name: str, imatrix=None, chunk_rows: int | None = Non
     blocks_per_row = n_per_row // fmt.block_size
     row_bytes = blocks_per_row * fmt.bytes_per_block
     out = np.empty((rows, row_bytes), dtype=np.uint8)
-    fused = fmt.fused_chunk_weights and compiled.enabled(w, n_groups=w.numel() // fmt.block_size)
-    chunk_weights = ((importance is not None and fmt.chunk_weights_imatrix) or (fused and fmt.fused_chunk_weights)
-                     or fmt.chunk_weights or _CHUNK_WEIGHTS)
-    step = chunk_rows or max(1, chunk_weights // max(n_per_row, 1))
+    step = chunk_rows or max(1, _CHUNK_WEIGHTS // max(n_per_row, 1))
     for start in range(0, rows, step):
         chunk = w[start:start + step].contiguous()
         data = fmt.quantize_rows(chunk, importance)
@@ -117,4 +116,4 @@ def dequantize(data, type_name: str, shape: Sequence[int]):
     return values.cpu().numpy() if as_numpy else values
 
 
-__all__ = ["FORMATS", "BlockFormat", "dequantize", "get_format", "quantize"]
+__all__ = ["FORMATS", "BlockFormat", "Grid", "dequantize", "get_format", "quantize"]

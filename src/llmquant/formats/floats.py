@@ -1,4 +1,4 @@
-"""Unquantized types: F32, F16, BF16 (block size 1)."""
+"""Unquantized types: F32, F16, BF16 (block size 1): conversions, with no parameters to choose."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class F32(BlockFormat):
     block_size = 1
     bytes_per_block = 4
 
-    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance=None, row_sigma2=None) -> torch.Tensor:
         return blocks.to(torch.float32).contiguous().view(torch.uint8).reshape(-1, 4)
 
     def quantize_finite(self, weights: torch.Tensor) -> np.ndarray:
@@ -42,9 +42,7 @@ class F16(BlockFormat):
     block_size = 1
     bytes_per_block = 2
 
-    chunk_weights = 1 << 18  # rows per call small enough to stay in cache
-
-    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance=None, row_sigma2=None) -> torch.Tensor:
         values = blocks.to(torch.float32).reshape(-1)
         bits = values.to(torch.float16).view(torch.int16)
         if not torch.isnan(values.sum()):  # a sum is NaN whenever a term is (one fast pass): no NaN to rewrite
@@ -69,9 +67,7 @@ class BF16(BlockFormat):
     block_size = 1
     bytes_per_block = 2
 
-    chunk_weights = 1 << 18  # rows per call small enough to stay in cache
-
-    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance=None, row_sigma2=None) -> torch.Tensor:
         values = blocks.to(torch.float32)
         if not torch.isnan(values.sum()):  # no NaN: torch's conversion rounds to nearest even, as ggml
             return values.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(-1, 2)

@@ -1,473 +1,650 @@
-"""llama.cpp's k-quants: 256-weight super-blocks of sub-blocks with quantized scales (and mins).
+"""llama.cpp's k-quants: 256-weight super-blocks of sub-blocks whose scales (and mins) are quantized too.
 
-Q3_K and Q6_K (symmetric sub-blocks), Q2_K, Q4_K and Q5_K (scale + min sub-blocks), each with ggml's
-reference path and, with an importance vector, its weighted search.
+Q2_K, Q4_K, Q5_K: weight = (d·sc)·l - (dmin·m), per sub-block a scale sc and a min m stored as integers
+(4-bit for Q2_K's 16 sub-blocks of 16, 6-bit for Q4_K's and Q5_K's 8 sub-blocks of 32) under one fp16 d and
+one fp16 dmin per super-block. Q3_K, Q6_K: weight = (d·sc)·q, 16 sub-blocks of 16 with a 6-bit (Q3_K, stored
++32) or int8 (Q6_K) scale under one fp16 d.
+
+Each search is ggml-quants.c's quantize_row_q*_K_ref (no importance: ggml's quantize_q*_K calls it when
+quant_weights is NULL) or quantize_row_q*_K_impl (with importance), ported to numba operation for operation.
+ggml then rounds every weight again under the stored (fp16) parameters, except in a sub-block whose stored
+scale is 0, which keeps its search's levels; packing and unpacking are plain PyTorch.
 """
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
+import numpy as np
 import torch
 
-from llmquant.formats import compiled, search
-from llmquant.formats.base import BlockFormat
+from llmquant.formats.base import BlockFormat, Grid, fp16_tensor
+from llmquant.formats.legacy import fp16_bytes, fp16_from_bytes, level_values
+from llmquant.formats.search import (
+    GROUP_MAX_EPS,
+    f32,
+    fp16_bits,
+    fp16_value,
+    kernel,
+    make_q3_quants,
+    make_qkx2_quants,
+    make_qp_quants,
+    make_qx_quants,
+    nearest_int,
+    sequential_sum_of_squares,
+)
 
-# ==== symmetric: Q3_K, Q6_K ====
+QK_K = 256  # weights per super-block
 
-
-def _sym_fp16_bytes(values: torch.Tensor) -> torch.Tensor:
-    """float32 ``[n]`` → ggml_half bytes ``[n, 2]`` (little-endian; torch rounds to nearest even like ggml)."""
-    return values.to(torch.float16).view(torch.uint8).reshape(-1, 2)
-
-
-def _sym_fp16_values(data: torch.Tensor) -> torch.Tensor:
-    """ggml_half bytes ``[n, 2]`` → float32 ``[n]``."""
-    return data.contiguous().view(torch.float16).to(torch.float32).reshape(-1)
-
-
-def _sym_requantize(
-    x: torch.Tensor, levels: torch.Tensor, sub_block_scales: torch.Tensor, nmax: int
-) -> torch.Tensor:
-    """Round each sub-block again with its final (quantized) scale, as the last loop of ggml's
-    quantize_row_q3_K_ref / q6_K_ref: ``nearest_int(x / d)``; a sub-block whose scale is 0 keeps its levels.
-
-    x, levels: ``[n_sub_blocks, 16]``; sub_block_scales: ``[n_sub_blocks]``."""
-    has_scale = sub_block_scales != 0
-    divisor = torch.where(has_scale, sub_block_scales, torch.ones_like(sub_block_scales))
-    requantized = search.nearest_int(x / divisor[:, None]).clamp_(-nmax, nmax - 1) + nmax
-    return torch.where(has_scale[:, None], requantized, levels)
+# what ggml's "zero scale keeps the search's levels" means for the step contract
+_KEEPS_SEARCH_LEVELS = "a sub-block whose stored scale is 0 keeps the levels of ggml's search"
 
 
-def _sym_split_quarters(levels: torch.Tensor) -> torch.Tensor:
-    # [n, 256] → [n, 2, 4, 32]: ggml packs each 128-weight half as four runs of 32 sharing bytes
-    return levels.reshape(-1, 2, 4, 32)
+class ScaleMinParams(NamedTuple):
+    """Q2_K, Q4_K, Q5_K: ``super_scale`` d and ``super_min`` dmin (float16 ``[n_blocks]``), and per sub-block
+    the quantized scale and min (uint8 ``[n_blocks, n_sub_blocks]``: 4-bit for Q2_K, 6-bit for Q4_K/Q5_K).
+    Sub-block j is ``(d·sub_scales[j])·l - (dmin·sub_mins[j])``."""
+
+    super_scale: torch.Tensor
+    super_min: torch.Tensor
+    sub_scales: torch.Tensor
+    sub_mins: torch.Tensor
 
 
-class Q6_K(BlockFormat):
-    """6-bit levels, 16 sub-blocks of 16 with int8 scales, one fp16 super-block scale (6.5625 bits/weight)."""
+class SubScaleParams(NamedTuple):
+    """Q3_K, Q6_K: ``super_scale`` d (float16 ``[n_blocks]``) and 16 sub-block scales ``[n_blocks, 16]`` as ggml
+    stores them: Q3_K's 6-bit values 0..63 meaning value - 32 (uint8), Q6_K's int8. Sub-block j is
+    ``(d·sc[j])·q``."""
 
-    name = "Q6_K"
-    block_size = 256
-    bytes_per_block = 210
-    chunk_weights = 1 << 18  # the search's temporaries stay near the cache
-
-    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-        n_blocks = blocks.shape[0]
-        x = blocks.reshape(-1, 16)
-        # ggml's quantize_row_q6_K_ref / _impl: per sub-block make_qx_quants (weights x², or the imatrix as is)
-        sub_weights = None if importance is None else importance.reshape(-1, 16)
-        scales, levels = search.make_qx_quants(x, 32, rmse_type=1, weights=sub_weights)
-        scales = scales.reshape(n_blocks, 16)
-        max_scale = search.signed_absmax(scales)
-        empty = max_scale.abs() < search.GROUP_MAX_EPS
-        safe_max = torch.where(empty, torch.ones_like(max_scale), max_scale)
-        inverse_scale = search.divide_scalar_by(-128.0, safe_max)
-        super_scale = _sym_fp16_bytes(search.divide_scalar_by(1.0, inverse_scale))
-        sub_scales = search.nearest_int(inverse_scale[:, None] * scales).clamp_(max=127)
-        d = _sym_fp16_values(super_scale)
-        sub_block_scales = (d[:, None] * sub_scales.to(torch.float32)).reshape(-1)
-        levels = _sym_requantize(x, levels, sub_block_scales, 32)
-
-        q = _sym_split_quarters(levels)
-        low = q & 0xF
-        ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], dim=2)
-        high = q >> 4
-        qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
-        packed = torch.cat(
-            [
-                ql.reshape(n_blocks, 128).to(torch.uint8),
-                qh.reshape(n_blocks, 64).to(torch.uint8),
-                sub_scales.to(torch.int8).view(torch.uint8),
-                super_scale,
-            ],
-            dim=1,
-        )
-        # a super-block whose sub-block scales are all ~0 is written as zeros (ggml's memset)
-        return torch.where(empty[:, None], torch.zeros_like(packed), packed)
-
-    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
-        ql = data[:, :128].to(torch.int32).reshape(-1, 2, 64)
-        qh = data[:, 128:192].to(torch.int32).reshape(-1, 2, 32)
-        sub_scales = data[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
-        d = _sym_fp16_values(data[:, 208:210])
-        low = torch.stack([ql[:, :, :32] & 0xF, ql[:, :, 32:] & 0xF, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4], dim=2)
-        shifts = torch.arange(0, 8, 2, device=data.device, dtype=torch.int32).reshape(1, 1, 4, 1)
-        high = (qh[:, :, None, :] >> shifts) & 3
-        q = ((low | (high << 4)) - 32).reshape(-1, 16, 16).to(torch.float32)
-        # (d · scale) · q, in ggml's order
-        return ((d[:, None] * sub_scales)[:, :, None] * q).reshape(-1, 256)
+    super_scale: torch.Tensor
+    sub_scales: torch.Tensor
 
 
-class Q3_K(BlockFormat):
-    """3-bit levels (2 low bits in qs, the high bit in hmask), 16 sub-blocks of 16 with 6-bit scales,
-    one fp16 super-block scale (3.4375 bits/weight)."""
-
-    name = "Q3_K"
-    block_size = 256
-    bytes_per_block = 110
-    chunk_weights = 1 << 19  # make_q3_quants runs value by value: wider calls share their overhead
-
-    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-        n_blocks = blocks.shape[0]
-        x = blocks.reshape(-1, 16)
-        if importance is None:
-            scales, levels = search.make_q3_quants(x, 4, do_rmse=True)
-            if compiled.enabled(blocks):
-                fused = compiled.run(_q3_k_reference_finish_kernel, (), blocks.contiguous(),
-                                     scales.reshape(n_blocks, 16), levels.reshape(n_blocks, 256))
-                if fused is not None:
-                    hmask, qs, packed_scales, d_half = fused
-                    return torch.cat([hmask, qs, packed_scales, d_half.view(torch.uint8).reshape(n_blocks, 2)], dim=1)
-            super_scale, sub_scales = self._reference_scales(scales, n_blocks)
-        else:
-            super_scale, sub_scales, levels = self._weighted_scales(blocks, x, importance)
-        # sub-block scales are stored with an offset of 32; the final rounding uses them as stored
-        d = _sym_fp16_values(super_scale)
-        sub_block_scales = (d[:, None] * (sub_scales - 32).to(torch.float32)).reshape(-1)
-        levels = _sym_requantize(x, levels, sub_block_scales, 4).reshape(n_blocks, 256)
-
-        # hmask byte m, bit b: the high bit of value 32·b + m (ggml stores L - 4 in the low bits then)
-        high = (levels >> 2).reshape(n_blocks, 8, 32)
-        bits = torch.arange(8, device=blocks.device, dtype=torch.int32).reshape(1, 8, 1)
-        hmask = (high << bits).sum(dim=1)
-        q = _sym_split_quarters(levels & 3)
-        qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
-        # 6-bit scales: low nibbles of j and j+8 share byte j; the top two bits of j go to byte 8 + j%4
-        scale_low = sub_scales & 0xF
-        scale_high = (sub_scales >> 4).reshape(n_blocks, 4, 4)
-        shifts = torch.arange(0, 8, 2, device=blocks.device, dtype=torch.int32).reshape(1, 4, 1)
-        packed_scales = torch.cat(
-            [scale_low[:, :8] | (scale_low[:, 8:] << 4), (scale_high << shifts).sum(dim=1)], dim=1
-        )
-        return torch.cat(
-            [
-                hmask.to(torch.uint8),
-                qs.reshape(n_blocks, 64).to(torch.uint8),
-                packed_scales.to(torch.uint8),
-                super_scale,
-            ],
-            dim=1,
-        )
-
-    @staticmethod
-    def _reference_scales(scales: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """ggml's quantize_row_q3_K_ref after make_q3_quants: the sub-block scales rounded against the one of
-        largest magnitude mapped to -32. Returns d (fp16 bytes) and the stored 6-bit scales."""
-        scales = scales.reshape(n_blocks, 16)
-        max_scale = search.signed_absmax(scales)
-        nonzero = max_scale != 0
-        safe_max = torch.where(nonzero, max_scale, torch.ones_like(max_scale))
-        inverse_scale = search.divide_scalar_by(-32.0, safe_max)
-        sub_scales = search.nearest_int(inverse_scale[:, None] * scales).clamp_(-32, 31) + 32
-        # with every scale zero ggml leaves the scale bytes zero and writes d = 0
-        sub_scales = torch.where(nonzero[:, None], sub_scales, torch.zeros_like(sub_scales))
-        d = torch.where(nonzero, search.divide_scalar_by(1.0, inverse_scale), torch.zeros_like(max_scale))
-        return _sym_fp16_bytes(d), sub_scales
-
-    @staticmethod
-    def _weighted_scales(
-        blocks: torch.Tensor, x: torch.Tensor, importance: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ggml's quantize_row_q3_K_impl: make_qx_quants per sub-block weighted by
-        ``importance·sqrt(sigma2 + x²)`` (sigma2 = twice the super-block's mean square), then the 16
-        sub-block scales themselves quantized to 6 bits by make_qx_quants weighted by each sub-block's
-        total weight."""
-        n_blocks = blocks.shape[0]
-        sum_x2 = search.sequential_sum(blocks * blocks)
-        sigma2 = (2.0 * sum_x2) / torch.full_like(sum_x2, 256.0)
-        sigma2 = sigma2.repeat_interleave(16)
-        weights = importance.reshape(-1, 16) * search.sqrt_f32(sigma2[:, None] + x * x)
-        sub_block_weight = search.sequential_sum(weights).reshape(n_blocks, 16)
-        scales, levels = search.make_qx_quants(x, 4, rmse_type=1, weights=weights)
-        d_block, sub_scales = search.make_qx_quants(
-            scales.reshape(n_blocks, 16), 32, rmse_type=1, weights=sub_block_weight
-        )
-        return _sym_fp16_bytes(d_block), sub_scales, levels
-
-    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
-        hmask = data[:, :32].to(torch.int32)
-        qs = data[:, 32:96].to(torch.int32).reshape(-1, 2, 1, 32)
-        packed_scales = data[:, 96:108].to(torch.int32)
-        d = _sym_fp16_values(data[:, 108:110])
-        shifts = torch.arange(0, 8, 2, device=data.device, dtype=torch.int32)
-        scale_high = (packed_scales[:, 8:, None] >> shifts) & 3  # [n, byte 8 + j%4, j//4]
-        scale_high = scale_high.transpose(1, 2).reshape(-1, 16)
-        scale_low = torch.cat([packed_scales[:, :8] & 0xF, packed_scales[:, :8] >> 4], dim=1)
-        sub_scales = ((scale_low | (scale_high << 4)) - 32).to(torch.float32)
-        low = ((qs >> shifts.reshape(1, 1, 4, 1)) & 3).reshape(-1, 256)
-        bits = torch.arange(8, device=data.device, dtype=torch.int32).reshape(1, 8, 1)
-        high = ((hmask[:, None, :] >> bits) & 1).reshape(-1, 256)
-        # a clear high bit means 4 below: ggml's `q - (hm & m ? 0 : 4)`
-        q = (low - 4 * (1 - high)).reshape(-1, 16, 16).to(torch.float32)
-        return ((d[:, None] * sub_scales)[:, :, None] * q).reshape(-1, 256)
+def _no_importance(blocks: np.ndarray) -> np.ndarray:
+    """The 0-size stand-in the kernels get for a missing importance (they read it only with has_importance)."""
+    return np.empty((0, blocks.shape[1]), dtype=np.float32)
 
 
-def _q3_k_reference_finish_kernel(blocks: torch.Tensor, scales: torch.Tensor, levels: torch.Tensor) -> tuple:
-    """Q3_K's reference path after make_q3_quants, fused by ``compiled``: the same float32 steps as
-    ``Q3_K._reference_scales``, ``_sym_requantize`` and the packing in ``quantize_blocks``, per super-block
-    (``blocks`` [n, 256], ``scales`` [n, 16], ``levels`` [n, 256] in [0, 8)). Returns hmask [n, 32], qs [n, 64],
-    the packed 6-bit scales [n, 12] (uint8) and d [n] (float16)."""
-    _, max_scale = search.first_largest_magnitude([scales[:, j] for j in range(16)])
-    nonzero = max_scale != 0
-    inverse_scale = search.divide_scalar_by(-32.0, torch.where(nonzero, max_scale, torch.ones_like(max_scale)))
-    sub_scales = search.nearest_int(inverse_scale[:, None] * scales).clamp(-32, 31) + 32
-    sub_scales = torch.where(nonzero[:, None], sub_scales, torch.zeros_like(sub_scales))
-    d = torch.where(nonzero, search.divide_scalar_by(1.0, inverse_scale), torch.zeros_like(max_scale))
-    d_half = d.to(torch.float16)
-    sub_block_scales = d_half.to(torch.float32)[:, None] * (sub_scales - 32).to(torch.float32)  # [n, 16]
-    # _sym_requantize: each sub-block rounded again with its stored scale; a zero scale keeps the levels
-    has_scale = sub_block_scales != 0
-    divisor = torch.where(has_scale, sub_block_scales, torch.ones_like(sub_block_scales))
-    x = blocks.reshape(-1, 16, 16)
-    requantized = search.nearest_int(x / divisor[:, :, None]).clamp(-4, 3) + 4
-    final = torch.where(has_scale[:, :, None], requantized, levels.reshape(-1, 16, 16)).reshape(-1, 256)
-    # hmask byte m, bit b: the high bit of value 32·b + m
-    hmask = final[:, 0:32] >> 2
-    for b in range(1, 8):
-        hmask = hmask | ((final[:, 32 * b:32 * b + 32] >> 2) << b)
-    # qs: in each 128-value half, byte m holds values m, m+32, m+64, m+96 (2 bits each)
-    low = final & 3
-    qs = torch.cat([low[:, h:h + 32] | (low[:, h + 32:h + 64] << 2) | (low[:, h + 64:h + 96] << 4)
-                    | (low[:, h + 96:h + 128] << 6) for h in (0, 128)], dim=1)
-    scale_low = sub_scales & 0xF
-    scale_high = sub_scales >> 4
-    packed_scales = torch.cat([scale_low[:, :8] | (scale_low[:, 8:] << 4),
-                               scale_high[:, 0:4] | (scale_high[:, 4:8] << 2) | (scale_high[:, 8:12] << 4)
-                               | (scale_high[:, 12:16] << 6)], dim=1)
-    return hmask.to(torch.uint8), qs.to(torch.uint8), packed_scales.to(torch.uint8), d_half
+def _per_weight(per_sub_block: torch.Tensor, sub_size: int) -> torch.Tensor:
+    """float32 ``[n, n_sub]`` → each sub-block's value for each of its weights ``[n, n_sub·sub_size]``."""
+    n, n_sub = per_sub_block.shape
+    return per_sub_block[:, :, None].expand(n, n_sub, sub_size).reshape(n, n_sub * sub_size)
 
 
-# ==== end of symmetric ====
+def _affine_grid(params: ScaleMinParams, sub_size: int, max_level: int) -> Grid:
+    """gguf's Q2_K/Q4_K/Q5_K order: ``(d·sc)·q - (dmin·m)``, i.e. scale d·sc and offset -(dmin·m)."""
+    d = params.super_scale.to(torch.float32)[:, None]
+    dmin = params.super_min.to(torch.float32)[:, None]
+    scale = d * params.sub_scales.to(torch.float32)
+    offset = -(dmin * params.sub_mins.to(torch.float32))
+    return Grid(_per_weight(scale, sub_size), _per_weight(offset, sub_size),
+                level_values(0, max_level + 1, scale.device))
+
+
+def _symmetric_grid(params: SubScaleParams, sub_scale_values: torch.Tensor, first_level: int) -> Grid:
+    """gguf's Q3_K/Q6_K order: ``(d·sc)·q``."""
+    scale = params.super_scale.to(torch.float32)[:, None] * sub_scale_values
+    return Grid(_per_weight(scale, 16), None, level_values(first_level, -2 * first_level, scale.device))
+
+
+# ---- packing: torch on 64-bit words ----
+# The bit fields of the levels are merged into bytes (and split out of them) 8 bytes at a time, on the levels
+# viewed as int64 words: each field is masked to its bits first, so no shift moves bits across a byte boundary
+# and one word operation does the work of 8 byte operations. Byte by byte, on strided [n, 32] slices, Q3_K's
+# packing took a fifth as long as its search; on words it takes half of that.
+
+_BYTE_ONES = 0x0101010101010101  # 1 in every byte of a word
+
+
+def _field_mask(width: int) -> int:
+    """The low ``width`` bits of every byte of a word."""
+    return _BYTE_ONES * ((1 << width) - 1)
+
+
+def _words(data: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[n, 8·k]`` → the same bytes as int64 words ``[n, k]`` (copied only where they are not already laid
+    out so)."""
+    data = data.to(torch.uint8)
+    # a view as words needs 8-byte aligned rows: a row slice of a block's bytes (one block, or none) may be
+    # "contiguous" with the block's row stride and offset
+    if not data.is_contiguous() or data.storage_offset() % 8 or data.stride(0) != data.shape[1]:
+        data = torch.empty(data.shape, dtype=torch.uint8, device=data.device).copy_(data)
+    return data.view(torch.int64)
+
+
+def _bytes(words: torch.Tensor) -> torch.Tensor:
+    """int64 words ``[n_blocks, ...]`` → their bytes, uint8 ``[n_blocks, 8·words per block]``."""
+    return words.contiguous().view(torch.uint8).reshape(words.shape[0], 8 * math.prod(words.shape[1:]))
+
+
+def _merge_fields(fields: torch.Tensor, width: int) -> torch.Tensor:
+    """Fields ``[..., k, m]`` (k a power of 2, each byte's value below 2**width) → ``[..., m]`` with field i at
+    bits ``i·width`` of each byte: the second half of the fields shifted past the first, then the halves of that,
+    ... (contiguous halves: twice as fast as interleaved pairs)."""
+    shift = width * fields.shape[-2] // 2
+    while fields.shape[-2] > 1:
+        half = fields.shape[-2] // 2
+        fields = fields[..., :half, :] | (fields[..., half:, :] << shift)
+        shift //= 2
+    return fields[..., 0, :]
+
+
+def _split_fields(words: torch.Tensor, n_fields: int, width: int) -> torch.Tensor:
+    """The inverse of ``_merge_fields``: ``[..., m]`` → ``[..., n_fields, m]``."""
+    mask = _field_mask(width)
+    return torch.stack([(words >> (i * width)) & mask for i in range(n_fields)], dim=-2)
+
+
+def _two_bit_quarters(words: torch.Tensor) -> torch.Tensor:
+    """Levels 0..3 as words ``[n, 32]`` → Q2_K's/Q3_K's qs as words ``[n, 8]``: in each 128-weight half,
+    byte l holds weights l, l+32, l+64, l+96 at bits 0, 2, 4, 6."""
+    return _merge_fields(words.reshape(-1, 2, 4, 4), 2).reshape(-1, 8)
+
+
+def _from_two_bit_quarters(qs: torch.Tensor) -> torch.Tensor:
+    """qs bytes ``[n, 64]`` → levels 0..3 as words ``[n, 32]``."""
+    return _split_fields(_words(qs).reshape(-1, 2, 4), 4, 2).reshape(-1, 32)
+
+
+def _nibble_pairs(words: torch.Tensor) -> torch.Tensor:
+    """Levels 0..15 as words ``[n, 32]`` → Q4_K's qs / Q5_K's ql as words ``[n, 16]``: each 64-weight chunk is
+    32 bytes, low nibbles from its first 32 weights, high nibbles from the next 32."""
+    return _merge_fields(words.reshape(-1, 4, 2, 4), 4).reshape(-1, 16)
+
+
+def _from_nibble_pairs(qs: torch.Tensor) -> torch.Tensor:
+    """qs bytes ``[n, 128]`` → levels 0..15 as words ``[n, 32]``."""
+    return _split_fields(_words(qs).reshape(-1, 4, 4), 2, 4).reshape(-1, 32)
+
 
 # ==== scale + min: Q2_K, Q4_K, Q5_K ====
-_MM_QK_K = 256
 
 
-def _mm_fp16_bytes(values: torch.Tensor) -> torch.Tensor:
-    """float32 ``[n]`` → ggml_half little-endian bytes ``[n, 2]`` (round to nearest even, as GGML_FP32_TO_FP16)."""
-    return values.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
+def pack_k4_scales(sub_scales: torch.Tensor, sub_mins: torch.Tensor) -> torch.Tensor:
+    """Eight 6-bit sub-block scales and mins ``[n, 8]`` → the 12 bytes get_scale_min_k4 reads: bytes 0-3 scales
+    0-3 (+ the top 2 bits of scales 4-7), 4-7 mins 0-3 (+ the top bits of mins 4-7), 8-11 the low nibbles of
+    scales and mins 4-7."""
+    sc = sub_scales.to(torch.uint8)
+    m = sub_mins.to(torch.uint8)
+    first = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    second = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    third = (sc[:, 4:] & 0xF) | (m[:, 4:] << 4)
+    return torch.cat([first, second, third], dim=1)
 
 
-def _mm_fp16_value(data: torch.Tensor) -> torch.Tensor:
-    """ggml_half bytes ``[n, 2]`` → float32 ``[n]``."""
-    return data.contiguous().view(torch.float16).reshape(-1).to(torch.float32)
-
-
-def _mm_to_uint8(levels: torch.Tensor) -> torch.Tensor:
-    """C's (uint8_t) of an int: keep the low 8 bits."""
-    return torch.bitwise_and(levels.to(torch.int64), 0xFF)
-
-
-def _mm_positive_max(values: torch.Tensor) -> torch.Tensor:
-    """Largest value per row, or +0 when none is positive (ggml starts from 0 and keeps `v > max`: -0 stays +0)."""
-    top = values.amax(dim=1)
-    return torch.where(top > 0, top, torch.zeros_like(top))
-
-
-def _mm_pack_k4_scales(scale_levels: torch.Tensor, min_levels: torch.Tensor) -> torch.Tensor:
-    """Eight 6-bit sub-block scales and mins ``[n, 8]`` → the 12 bytes get_scale_min_k4 reads:
-    bytes 0-3 scale 0-3 (+ top bits of scale 4-7), 4-7 min 0-3 (+ top bits of min 4-7), 8-11 low nibbles of 4-7."""
-    ls = scale_levels.to(torch.int64)
-    lm = min_levels.to(torch.int64)
-    first = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
-    second = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
-    third = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
-    return torch.cat([first, second, third], dim=1).to(torch.uint8)
-
-
-def _mm_unpack_k4_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of _mm_pack_k4_scales, as llama.cpp's get_scale_min_k4: 12 bytes → scales, mins ``[n, 8]``."""
-    q = packed.to(torch.int64)
+def unpack_k4_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``pack_k4_scales``, as ggml's get_scale_min_k4: 12 bytes → scales, mins ``[n, 8]`` (uint8)."""
+    q = packed.to(torch.uint8)
     scales = torch.cat([q[:, 0:4] & 63, (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)], dim=1)
     mins = torch.cat([q[:, 4:8] & 63, (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)], dim=1)
     return scales, mins
 
 
-def _mm_requantize(x: torch.Tensor, levels: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor,
-                   scales: torch.Tensor, mins: torch.Tensor, nmax: int) -> torch.Tensor:
-    """Final levels from the stored (fp16) super-block scales, as the last loop of quantize_row_q*_K:
-    L = nearest_int((x + dmin*m)/(d*sc)); a sub-block whose scale is 0 keeps the levels of the search.
-
-    x: ``[n, n_sub, sub_size]``; levels uint8 same shape; d, dmin ``[n]``; scales, mins ``[n, n_sub]``."""
-    sub_scale = d[:, None] * scales.to(torch.float32)
-    sub_min = dmin[:, None] * mins.to(torch.float32)
-    keep = sub_scale == 0
-    safe_scale = torch.where(keep, torch.ones_like(sub_scale), sub_scale)
-    fresh = search._mm_nearest_int((x + sub_min[..., None]) / safe_scale[..., None]).clamp_(0, nmax)
-    return torch.where(keep[..., None], levels.to(torch.float32), fresh).to(torch.uint8)
-
-
-def _mm_superblock_sigma2(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """factor * sum(x²) / QK_K per super-block, summed in order (quantize_row_q2/q4/q5_K_impl)."""
-    return search._mm_over_scalar(factor * search._mm_sequential_sum(x * x), _MM_QK_K)
+@kernel
+def _requantize_affine(block, levels, sub_size, max_level, d_bits, dmin_bits, sub_scales, sub_mins):
+    """The last loop of quantize_row_q2/q4/q5_K_ref and _impl: every weight rounded again under the stored fp16
+    d, dmin and integer sub-block scale and min, ``nearest_int((x + dmin·m)/(d·sc))``; a sub-block whose scale
+    d·sc is 0 keeps the levels of its search (ggml's ``if (!d) continue``)."""
+    d = fp16_value(d_bits)
+    dmin = fp16_value(dmin_bits)
+    for j in range(sub_scales.shape[0]):
+        sub_d = d * f32(sub_scales[j])
+        if sub_d == 0:
+            continue
+        sub_m = dmin * f32(sub_mins[j])
+        for i in range(sub_size * j, sub_size * (j + 1)):
+            levels[i] = max(0, min(max_level, nearest_int((block[i] + sub_m) / sub_d)))
 
 
-def _mm_k4_search(x: torch.Tensor, importance: torch.Tensor | None, nmax: int, rmin: float, rdelta: float,
-                  nstep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K up to the stored super-block scales: quantize_row_q4_K_ref/_impl (q5 alike).
-
-    Returns (the first 16 bytes of each block: d, dmin, 12 scale bytes; final levels uint8 ``[n, 8, 32]``)."""
-    n_blocks = x.shape[0]
-    sub = x.reshape(n_blocks * 8, 32)
-    if importance is None:
-        # ref path: make_qkx2_quants weighted by rms(sub-block) + |x|
-        av_x = search._mm_sqrt(search._mm_over_scalar(search._mm_sequential_sum(sub * sub), 32))
-        weights = av_x[:, None] + sub.abs()
-        scales, mins, levels = search.make_qkx2_quants(sub, weights, nmax, rmin, rdelta, nstep, False)
-        scales = scales.reshape(n_blocks, 8)
-        mins = mins.reshape(n_blocks, 8)
-        max_scale = _mm_positive_max(scales)
-        max_min = _mm_positive_max(mins)
-        inv_scale = torch.where(max_scale > 0, search._mm_scalar_over(63.0, max_scale), torch.zeros_like(max_scale))
-        inv_min = torch.where(max_min > 0, search._mm_scalar_over(63.0, max_min), torch.zeros_like(max_min))
-        scale_levels = _mm_to_uint8(search._mm_nearest_int(inv_scale[:, None] * scales)).clamp(max=63)
-        min_levels = _mm_to_uint8(search._mm_nearest_int(inv_min[:, None] * mins)).clamp(max=63)
-        d_block = search._mm_over_scalar(max_scale, 63.0)
-        m_block = search._mm_over_scalar(max_min, 63.0)
-    else:
-        # impl path: make_qkx3_quants weighted by importance * sqrt(sigma² + x²), then make_qp_quants on the
-        # sub-block scales and mins, weighted by each sub-block's total weight
-        sigma2 = _mm_superblock_sigma2(x, 2.0)
-        weights = importance * search._mm_sqrt(sigma2[:, None] + x * x)
-        weights = weights.reshape(n_blocks * 8, 32)
-        sub_weight = search._mm_sequential_sum(weights).reshape(n_blocks, 8)
-        scales, mins, levels = search.make_qkx3_quants(sub, weights, nmax, -0.9, 0.05, 36, False)
-        d_block, scale_levels = search.make_qp_quants(scales.reshape(n_blocks, 8), 63, sub_weight)
-        m_block, min_levels = search.make_qp_quants(mins.reshape(n_blocks, 8), 63, sub_weight)
-    packed = _mm_pack_k4_scales(scale_levels, min_levels)
-    d_bytes = _mm_fp16_bytes(d_block)
-    dmin_bytes = _mm_fp16_bytes(m_block)
-    d = _mm_fp16_value(d_bytes)
-    dmin = _mm_fp16_value(dmin_bytes)
-    sc, m = _mm_unpack_k4_scales(packed)
-    levels = _mm_requantize(x.reshape(n_blocks, 8, 32), levels.reshape(n_blocks, 8, 32), d, dmin, sc, m, nmax)
-    return torch.cat([d_bytes, dmin_bytes, packed], dim=1), levels
-
-
-def _mm_k4_dequantize_scales(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sub-block scale d*sc and min dmin*m ``[n, 8]`` from the first 16 bytes of a Q4_K/Q5_K block."""
-    d = _mm_fp16_value(data[:, 0:2])
-    dmin = _mm_fp16_value(data[:, 2:4])
-    sc, m = _mm_unpack_k4_scales(data[:, 4:16])
-    return d[:, None] * sc.to(torch.float32), dmin[:, None] * m.to(torch.float32)
-
-
-class Q4_K(BlockFormat):
-    """4.5 bits: super-blocks of 8 × 32 weights, each sub-block ``d*sc*q - dmin*m`` with 6-bit sc, m."""
-
-    name = "Q4_K"
-    block_size = _MM_QK_K
-    bytes_per_block = 144  # d, dmin (fp16), 12 bytes of scales/mins, 128 bytes of 4-bit quants
-
-    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-        header, levels = _mm_k4_search(blocks, importance, 15, -1.0, 0.1, 20)
-        # qs: each 64-weight chunk is 32 bytes, low nibble from its first 32 weights, high from the next 32
-        pairs = levels.reshape(-1, 4, 2, 32)
-        qs = pairs[:, :, 0, :] | (pairs[:, :, 1, :] << 4)
-        return torch.cat([header, qs.reshape(-1, 128)], dim=1)
-
-    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
-        scale, offset = _mm_k4_dequantize_scales(data)
-        qs = data[:, 16:].reshape(-1, 4, 1, 32)
-        q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, 8, 32).to(torch.float32)
-        return (scale[..., None] * q - offset[..., None]).reshape(-1, _MM_QK_K)
-
-
-class Q5_K(BlockFormat):
-    """5.5 bits: Q4_K's super-block with 5-bit levels (the fifth bit in qh)."""
-
-    name = "Q5_K"
-    block_size = _MM_QK_K
-    bytes_per_block = 176  # d, dmin, 12 bytes of scales/mins, 32 bytes of high bits, 128 bytes of low nibbles
-
-    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-        header, levels = _mm_k4_search(blocks, importance, 31, -0.5, 0.1, 15)
-        # as quantize_row_q5_K_ref: chunk k of 64 weights puts weight j's fifth bit in bit 2k of qh[j],
-        # weight j+32's in bit 2k+1, and the low nibbles in ql as Q4_K's qs
-        # (in uint8 with explicit ORs: int64 and a sum over the bit positions took 7x as long)
-        runs = levels.reshape(-1, 8, 32)  # run r = 2k + half of 32 weights; its fifth bits go to bit r of qh
-        low = runs & 0xF
-        ql = (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(-1, 128)
-        high = runs >> 4
-        qh = high[:, 0]
-        for run in range(1, 8):
-            qh = qh | (high[:, run] << run)
-        return torch.cat([header, qh, ql], dim=1)
-
-    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
-        scale, offset = _mm_k4_dequantize_scales(data)
-        qh = data[:, 16:48].to(torch.int64)
-        qs = data[:, 48:].reshape(-1, 4, 1, 32).to(torch.int64)
-        low = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, 8, 32)
-        high = (qh[:, None, :] >> torch.arange(8, device=data.device)[None, :, None]) & 1
-        q = (low | (high << 4)).to(torch.float32)
-        return (scale[..., None] * q - offset[..., None]).reshape(-1, _MM_QK_K)
+@kernel
+def _q2_k_search(x, importance, has_importance, super_scale_bits, super_min_bits, sub_scales, sub_mins, levels):
+    """quantize_row_q2_K_ref, or with importance quantize_row_q2_K_impl: per 16-weight sub-block a scale and a
+    min by make_qkx2_quants (|x|-weighted absolute errors in ref; importance·sqrt(sigma2 + x²)-weighted squared
+    errors in impl, as make_qkx3_quants), then both quantized to 4 bits: against the largest (ref) or by
+    make_qp_quants weighted by each sub-block's total weight (impl)."""
+    weights = np.empty(16, dtype=np.float32)
+    scratch = np.empty(16, dtype=np.uint8)
+    scales = np.empty(16, dtype=np.float32)
+    mins = np.empty(16, dtype=np.float32)
+    sub_weight = np.empty(16, dtype=np.float32)
+    scale_levels = np.empty(16, dtype=np.uint8)
+    min_levels = np.empty(16, dtype=np.uint8)
+    packed = np.empty(16, dtype=np.int64)  # y[i].scales: the scale nibble | the min nibble << 4
+    for b in range(x.shape[0]):
+        block = x[b]
+        block_levels = levels[b]
+        if has_importance:
+            sigma2 = sequential_sum_of_squares(block) / f32(QK_K)
+            for j in range(16):
+                sum_w = f32(0.0)
+                for i in range(16):
+                    v = block[16 * j + i]
+                    weights[i] = importance[b, 16 * j + i] * np.sqrt(sigma2 + v * v)
+                    sum_w += weights[i]
+                sub_weight[j] = sum_w
+                scales[j], mins[j] = make_qkx2_quants(
+                    block[16 * j:16 * j + 16], weights, block_levels[16 * j:16 * j + 16], scratch,
+                    max_level=3, rmin=f32(-0.9), rdelta=f32(0.05), n_steps=36, use_mad=False)
+            d_block = make_qp_quants(scales, sub_weight, scale_levels, max_level=15)
+            m_block = make_qp_quants(mins, sub_weight, min_levels, max_level=15)
+            super_scale_bits[b] = fp16_bits(d_block)
+            super_min_bits[b] = fp16_bits(m_block)
+            for j in range(16):
+                packed[j] = (np.int64(scale_levels[j]) | (np.int64(min_levels[j]) << 4)) & 0xFF
+        else:
+            max_scale = f32(0.0)  # ggml: scales of a scale + min fit are never negative
+            max_min = f32(0.0)
+            for j in range(16):
+                for i in range(16):
+                    weights[i] = abs(block[16 * j + i])
+                scales[j], mins[j] = make_qkx2_quants(
+                    block[16 * j:16 * j + 16], weights, block_levels[16 * j:16 * j + 16], scratch,
+                    max_level=3, rmin=f32(-0.5), rdelta=f32(0.1), n_steps=15, use_mad=True)
+                if scales[j] > max_scale:
+                    max_scale = scales[j]
+                if mins[j] > max_min:
+                    max_min = mins[j]
+            if max_scale > 0:
+                iscale = f32(15.0) / max_scale
+                for j in range(16):
+                    packed[j] = nearest_int(iscale * scales[j]) & 0xFF  # uint8 y[i].scales[j] = l
+                super_scale_bits[b] = fp16_bits(max_scale / f32(15.0))
+            else:
+                for j in range(16):
+                    packed[j] = 0
+                super_scale_bits[b] = fp16_bits(f32(0.0))
+            if max_min > 0:
+                iscale = f32(15.0) / max_min
+                for j in range(16):
+                    packed[j] = (packed[j] | (nearest_int(iscale * mins[j]) << 4)) & 0xFF
+                super_min_bits[b] = fp16_bits(max_min / f32(15.0))
+            else:
+                super_min_bits[b] = fp16_bits(f32(0.0))
+        for j in range(16):
+            sub_scales[b, j] = packed[j] & 0xF
+            sub_mins[b, j] = packed[j] >> 4
+        _requantize_affine(block, block_levels, 16, 3, super_scale_bits[b], super_min_bits[b],
+                           sub_scales[b], sub_mins[b])
 
 
-def _mm_q2_k_header(x: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q2_K up to the final levels: quantize_row_q2_K_ref (importance None) or quantize_row_q2_K_impl.
+@kernel
+def _k4_search(x, importance, has_importance, max_level, rmin, rdelta, n_steps, clamp_importance_levels,
+               super_scale_bits, super_min_bits, sub_scales, sub_mins, levels):
+    """quantize_row_q4_K_ref / q5_K_ref, or with importance quantize_row_q4_K_impl / q5_K_impl (the two formats
+    differ only in max_level and the ref search's steps): per 32-weight sub-block a scale and a min by
+    make_qkx2_quants, weighted by rms(sub-block) + |x| (ref) or importance·sqrt(sigma2 + x²) (impl, as
+    make_qkx3_quants with sigma2 twice the super-block's mean square), then both quantized to 6 bits: against
+    the largest (ref) or by make_qp_quants weighted by each sub-block's total weight (impl; Q5_K's impl also
+    clamps those to 63, a no-op for make_qp_quants' levels: ``clamp_importance_levels``)."""
+    weights = np.empty(32, dtype=np.float32)
+    scratch = np.empty(32, dtype=np.uint8)
+    scales = np.empty(8, dtype=np.float32)
+    mins = np.empty(8, dtype=np.float32)
+    sub_weight = np.empty(8, dtype=np.float32)
+    scale_levels = np.empty(8, dtype=np.uint8)
+    min_levels = np.empty(8, dtype=np.uint8)
+    for b in range(x.shape[0]):
+        block = x[b]
+        block_levels = levels[b]
+        if has_importance:
+            sigma2 = f32(2.0) * sequential_sum_of_squares(block) / f32(QK_K)
+            for j in range(8):
+                sum_w = f32(0.0)
+                for i in range(32):
+                    v = block[32 * j + i]
+                    weights[i] = importance[b, 32 * j + i] * np.sqrt(sigma2 + v * v)
+                    sum_w += weights[i]
+                sub_weight[j] = sum_w
+                scales[j], mins[j] = make_qkx2_quants(
+                    block[32 * j:32 * j + 32], weights, block_levels[32 * j:32 * j + 32], scratch,
+                    max_level=max_level, rmin=f32(-0.9), rdelta=f32(0.05), n_steps=36, use_mad=False)
+            d_block = make_qp_quants(scales, sub_weight, scale_levels, max_level=63)
+            m_block = make_qp_quants(mins, sub_weight, min_levels, max_level=63)
+            for j in range(8):
+                # Q4_K's impl stores them as they are: make_qp_quants caps them at 63 (or wraps a negative one,
+                # which no scale + min fit gives); 6 bits are kept either way
+                sub_scales[b, j] = min(63, scale_levels[j]) if clamp_importance_levels else scale_levels[j] & 63
+                sub_mins[b, j] = min(63, min_levels[j]) if clamp_importance_levels else min_levels[j] & 63
+            super_scale_bits[b] = fp16_bits(d_block)
+            super_min_bits[b] = fp16_bits(m_block)
+        else:
+            max_scale = f32(0.0)  # ggml: scales of a scale + min fit are never negative
+            max_min = f32(0.0)
+            for j in range(8):
+                sub_block = block[32 * j:32 * j + 32]
+                av_x = np.sqrt(sequential_sum_of_squares(sub_block) / f32(32.0))
+                for i in range(32):
+                    weights[i] = av_x + abs(sub_block[i])
+                scales[j], mins[j] = make_qkx2_quants(
+                    sub_block, weights, block_levels[32 * j:32 * j + 32], scratch,
+                    max_level=max_level, rmin=rmin, rdelta=rdelta, n_steps=n_steps, use_mad=False)
+                if scales[j] > max_scale:
+                    max_scale = scales[j]
+                if mins[j] > max_min:
+                    max_min = mins[j]
+            inv_scale = f32(63.0) / max_scale if max_scale > 0 else f32(0.0)
+            inv_min = f32(63.0) / max_min if max_min > 0 else f32(0.0)
+            for j in range(8):
+                # uint8 ls = nearest_int(...); MIN(63, ls)
+                sub_scales[b, j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
+                sub_mins[b, j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+            super_scale_bits[b] = fp16_bits(max_scale / f32(63.0))
+            super_min_bits[b] = fp16_bits(max_min / f32(63.0))
+        _requantize_affine(block, block_levels, 32, max_level, super_scale_bits[b], super_min_bits[b],
+                           sub_scales[b], sub_mins[b])
 
-    Returns (``[n, 20]``: the 16 scale|min<<4 bytes then d and dmin; final levels uint8 ``[n, 16, 16]``)."""
-    n_blocks = x.shape[0]
-    sub = x.reshape(n_blocks * 16, 16)
-    if importance is None:
-        # ref: make_qkx2_quants on |x|-weighted absolute errors, then 4-bit scales/mins relative to the largest
-        scales, mins, levels = search.make_qkx2_quants(sub, sub.abs(), 3, -0.5, 0.1, 15, True)
-        scales = scales.reshape(n_blocks, 16)
-        mins = mins.reshape(n_blocks, 16)
-        max_scale = _mm_positive_max(scales)
-        max_min = _mm_positive_max(mins)
-        has_scale = max_scale > 0
-        has_min = max_min > 0
-        safe_scale = torch.where(has_scale, max_scale, torch.ones_like(max_scale))
-        safe_min = torch.where(has_min, max_min, torch.ones_like(max_min))
-        scale_levels = _mm_to_uint8(search._mm_nearest_int(search._mm_scalar_over(15.0, safe_scale)[:, None] * scales))
-        min_levels = _mm_to_uint8(search._mm_nearest_int(search._mm_scalar_over(15.0, safe_min)[:, None] * mins))
-        scale_levels = torch.where(has_scale[:, None], scale_levels, torch.zeros_like(scale_levels))
-        min_levels = torch.where(has_min[:, None], min_levels, torch.zeros_like(min_levels))
-        d_block = torch.where(has_scale, search._mm_over_scalar(max_scale, 15.0), torch.zeros_like(max_scale))
-        m_block = torch.where(has_min, search._mm_over_scalar(max_min, 15.0), torch.zeros_like(max_min))
-    else:
-        # impl: make_qkx3_quants weighted by importance * sqrt(sigma² + x²), make_qp_quants on scales and mins
-        sigma2 = _mm_superblock_sigma2(x, 1.0)
-        weights = (importance * search._mm_sqrt(sigma2[:, None] + x * x)).reshape(n_blocks * 16, 16)
-        sub_weight = search._mm_sequential_sum(weights).reshape(n_blocks, 16)
-        scales, mins, levels = search.make_qkx3_quants(sub, weights, 3, -0.9, 0.05, 36, False)
-        d_block, scale_levels = search.make_qp_quants(scales.reshape(n_blocks, 16), 15, sub_weight)
-        m_block, min_levels = search.make_qp_quants(mins.reshape(n_blocks, 16), 15, sub_weight)
-        scale_levels = scale_levels.to(torch.int64)
-        min_levels = min_levels.to(torch.int64)
-    packed = (scale_levels | (min_levels << 4)) & 0xFF
-    d_bytes = _mm_fp16_bytes(d_block)
-    dmin_bytes = _mm_fp16_bytes(m_block)
-    levels = _mm_requantize(x.reshape(n_blocks, 16, 16), levels.reshape(n_blocks, 16, 16), _mm_fp16_value(d_bytes),
-                            _mm_fp16_value(dmin_bytes), packed & 0xF, packed >> 4, 3)
-    return torch.cat([packed.to(torch.uint8), d_bytes, dmin_bytes], dim=1), levels
+
+class _ScaleMin(BlockFormat):
+    """Q2_K / Q4_K / Q5_K: weight = (d·sc)·l - (dmin·m) per sub-block."""
+
+    block_size = QK_K
+    levels_from_search = _KEEPS_SEARCH_LEVELS
+    Params = ScaleMinParams
+    sub_size: int
+    max_level: int
+
+    def search(self, blocks, importance, row_sigma2):
+        n_blocks = blocks.shape[0]
+        n_sub = QK_K // self.sub_size
+        super_scale_bits = np.empty(n_blocks, dtype=np.uint16)
+        super_min_bits = np.empty(n_blocks, dtype=np.uint16)
+        sub_scales = np.empty((n_blocks, n_sub), dtype=np.uint8)
+        sub_mins = np.empty((n_blocks, n_sub), dtype=np.uint8)
+        levels = np.empty(blocks.shape, dtype=np.uint8)
+        has_importance = importance is not None
+        self._run_search(blocks, importance if has_importance else _no_importance(blocks), has_importance,
+                         super_scale_bits, super_min_bits, sub_scales, sub_mins, levels)
+        return (fp16_tensor(super_scale_bits), fp16_tensor(super_min_bits), sub_scales, sub_mins), levels
+
+    def reconstruct(self, params: ScaleMinParams) -> Grid:
+        return _affine_grid(params, self.sub_size, self.max_level)
 
 
-class Q2_K(BlockFormat):
-    """2.625 bits: super-blocks of 16 × 16 weights, each sub-block ``d*sc*q - dmin*m`` with 4-bit sc, m."""
+class Q2_K(_ScaleMin):
+    """2-bit levels, 16 sub-blocks of 16 with 4-bit scales and mins under fp16 d and dmin (2.625 bits/weight).
+    Block: 16 bytes of scale | min << 4, 64 bytes of 2-bit levels, d, dmin."""
 
     name = "Q2_K"
-    block_size = _MM_QK_K
-    bytes_per_block = 84  # 16 bytes of scale|min nibbles, 64 bytes of 2-bit quants, d, dmin (fp16)
+    bytes_per_block = 84
+    sub_size = 16
+    max_level = 3
 
-    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-        header, levels = _mm_q2_k_header(blocks, importance)
-        # qs: each 128-weight half is 32 bytes; byte l holds weights l, l+32, l+64, l+96 at bits 0, 2, 4, 6
-        quarters = levels.reshape(-1, 2, 4, 32).to(torch.int64)
-        qs = (quarters << (2 * torch.arange(4, device=blocks.device))[None, None, :, None]).sum(dim=2)
-        return torch.cat([header[:, :16], qs.reshape(-1, 64).to(torch.uint8), header[:, 16:]], dim=1)
+    def _run_search(self, *args):
+        _q2_k_search(*args)
 
-    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
-        packed = data[:, :16].to(torch.int64)
-        d = _mm_fp16_value(data[:, 80:82])
-        dmin = _mm_fp16_value(data[:, 82:84])
-        scale = d[:, None] * (packed & 0xF).to(torch.float32)
-        offset = dmin[:, None] * (packed >> 4).to(torch.float32)
-        qs = data[:, 16:80].reshape(-1, 2, 1, 32).to(torch.int64)
-        q = (qs >> (2 * torch.arange(4, device=data.device))[None, None, :, None]) & 3
-        q = q.reshape(-1, 16, 16).to(torch.float32)
-        return (scale[..., None] * q - offset[..., None]).reshape(-1, _MM_QK_K)
+    def pack(self, levels: torch.Tensor, params: ScaleMinParams) -> torch.Tensor:
+        scale_bytes = params.sub_scales.to(torch.uint8) | (params.sub_mins.to(torch.uint8) << 4)
+        qs = _bytes(_two_bit_quarters(_words(levels)))
+        return torch.cat([scale_bytes, qs, fp16_bytes(params.super_scale), fp16_bytes(params.super_min)], dim=1)
+
+    def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, ScaleMinParams]:
+        scale_bytes = data[:, :16]
+        params = ScaleMinParams(fp16_from_bytes(data[:, 80:82]), fp16_from_bytes(data[:, 82:84]),
+                                scale_bytes & 0xF, scale_bytes >> 4)
+        return _bytes(_from_two_bit_quarters(data[:, 16:80])), params
 
 
-# ==== end of scale + min ====
+class _K4(_ScaleMin):
+    """Q4_K / Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins in get_scale_min_k4's 12 bytes."""
+
+    sub_size = 32
+    ref_steps: tuple  # quantize_row_q*_K_ref's make_qkx2_quants (rmin, rdelta, n_steps)
+    clamp_importance_levels: bool
+
+    def _run_search(self, blocks, importance, has_importance, *outputs):
+        rmin, rdelta, n_steps = self.ref_steps
+        _k4_search(blocks, importance, has_importance, self.max_level, f32(rmin), f32(rdelta), n_steps,
+                   self.clamp_importance_levels, *outputs)
+
+    @staticmethod
+    def _header(params: ScaleMinParams) -> torch.Tensor:
+        return torch.cat([fp16_bytes(params.super_scale), fp16_bytes(params.super_min),
+                          pack_k4_scales(params.sub_scales, params.sub_mins)], dim=1)
+
+    @staticmethod
+    def _params(data: torch.Tensor) -> ScaleMinParams:
+        sub_scales, sub_mins = unpack_k4_scales(data[:, 4:16])
+        return ScaleMinParams(fp16_from_bytes(data[:, 0:2]), fp16_from_bytes(data[:, 2:4]), sub_scales, sub_mins)
+
+
+class Q4_K(_K4):
+    """4-bit levels, 8 sub-blocks of 32 with 6-bit scales and mins (4.5 bits/weight).
+    Block: d, dmin, 12 bytes of scales and mins, 128 bytes of nibbles."""
+
+    name = "Q4_K"
+    bytes_per_block = 144
+    max_level = 15
+    ref_steps = (-1.0, 0.1, 20)
+    clamp_importance_levels = False
+
+    def pack(self, levels: torch.Tensor, params: ScaleMinParams) -> torch.Tensor:
+        return torch.cat([self._header(params), _bytes(_nibble_pairs(_words(levels)))], dim=1)
+
+    def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, ScaleMinParams]:
+        return _bytes(_from_nibble_pairs(data[:, 16:])), self._params(data)
+
+
+class Q5_K(_K4):
+    """5-bit levels (the fifth bit in qh), otherwise Q4_K's super-block (5.5 bits/weight).
+    Block: d, dmin, 12 bytes of scales and mins, 32 bytes of fifth bits, 128 bytes of low nibbles."""
+
+    name = "Q5_K"
+    bytes_per_block = 176
+    max_level = 31
+    ref_steps = (-0.5, 0.1, 15)
+    clamp_importance_levels = True
+
+    def pack(self, levels: torch.Tensor, params: ScaleMinParams) -> torch.Tensor:
+        levels = levels.to(torch.uint8)
+        # 32-weight run r (chunk r//2, half r%2) puts weight j's fifth bit in bit r of qh[j]
+        qh = _merge_fields(_words(levels >> 4).reshape(-1, 8, 4), 1)
+        ql = _nibble_pairs(_words(levels & 0xF))
+        return torch.cat([self._header(params), _bytes(qh), _bytes(ql)], dim=1)
+
+    def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, ScaleMinParams]:
+        fifth = _split_fields(_words(data[:, 16:48]), 8, 1).reshape(-1, 32)
+        levels = _from_nibble_pairs(data[:, 48:]) | (fifth << 4)
+        return _bytes(levels), self._params(data)
+
+
+# ==== symmetric: Q3_K, Q6_K ====
+
+
+@kernel
+def _requantize_symmetric(block, levels, max_level, d_bits, sub_scale_values):
+    """The last loop of quantize_row_q3/q6_K_ref and _impl: every weight rounded again under the stored fp16 d
+    and integer sub-block scale, ``nearest_int(x/(d·sc))`` offset by max_level; a sub-block whose scale is 0
+    keeps the levels of its search."""
+    d = fp16_value(d_bits)
+    for j in range(16):
+        sub_d = d * f32(sub_scale_values[j])
+        if sub_d == 0:
+            continue
+        for i in range(16 * j, 16 * j + 16):
+            levels[i] = max_level + max(-max_level, min(max_level - 1, nearest_int(block[i] / sub_d)))
+
+
+@kernel
+def _q3_k_search(x, importance, has_importance, super_scale_bits, sub_scales, levels):
+    """quantize_row_q3_K_ref: per 16-weight sub-block make_q3_quants, the scales then mapped to 6 bits against
+    the one of largest magnitude (as -32); or with importance quantize_row_q3_K_impl: make_qx_quants weighted
+    by importance·sqrt(sigma2 + x²), the 16 scales then quantized by make_qx_quants weighted by each sub-block's
+    total weight. ``sub_scales`` are the stored values 0..63 (value - 32)."""
+    weights = np.empty(16, dtype=np.float32)
+    scales = np.empty(16, dtype=np.float32)
+    sub_weight = np.empty(16, dtype=np.float32)
+    block_levels = np.empty(QK_K, dtype=np.int8)  # ggml's int8_t L[QK_K]
+    scale_levels = np.empty(16, dtype=np.int8)
+    sub_scale_values = np.empty(16, dtype=np.int64)
+    for b in range(x.shape[0]):
+        block = x[b]
+        if has_importance:
+            sigma2 = f32(2.0) * sequential_sum_of_squares(block) / f32(QK_K)
+            for j in range(16):
+                sum_w = f32(0.0)
+                for i in range(16):
+                    v = block[16 * j + i]
+                    weights[i] = importance[b, 16 * j + i] * np.sqrt(sigma2 + v * v)
+                    sum_w += weights[i]
+                sub_weight[j] = sum_w
+                scales[j] = make_qx_quants(block[16 * j:16 * j + 16], weights, block_levels[16 * j:16 * j + 16],
+                                           max_level=4)
+            d_block = make_qx_quants(scales, sub_weight, scale_levels, max_level=32)
+            for j in range(16):
+                sub_scales[b, j] = scale_levels[j]
+            super_scale_bits[b] = fp16_bits(d_block)
+        else:
+            amax = f32(0.0)
+            max_scale = f32(0.0)
+            for j in range(16):
+                scales[j] = make_q3_quants(block[16 * j:16 * j + 16], block_levels[16 * j:16 * j + 16],
+                                           max_level=4)
+                if abs(scales[j]) > amax:
+                    amax = abs(scales[j])
+                    max_scale = scales[j]
+            if max_scale != 0:
+                iscale = f32(-32.0) / max_scale
+                for j in range(16):
+                    level = ((nearest_int(iscale * scales[j]) + 128) & 0xFF) - 128  # int8_t l = nearest_int(...)
+                    sub_scales[b, j] = max(-32, min(31, level)) + 32
+                super_scale_bits[b] = fp16_bits(f32(1.0) / iscale)
+            else:  # memset(y[i].scales, 0, 12)
+                for j in range(16):
+                    sub_scales[b, j] = 0
+                super_scale_bits[b] = fp16_bits(f32(0.0))
+        for j in range(16):
+            sub_scale_values[j] = np.int64(sub_scales[b, j]) - 32
+        _requantize_symmetric(block, block_levels, 4, super_scale_bits[b], sub_scale_values)
+        for i in range(QK_K):
+            levels[b, i] = block_levels[i]
+
+
+@kernel
+def _q6_k_search(x, importance, has_importance, super_scale_bits, sub_scales, levels):
+    """quantize_row_q6_K_ref / _impl: per 16-weight sub-block make_qx_quants weighted by x² (ref) or by the
+    importance itself (impl), then the 16 scales mapped to int8 against the one of largest magnitude (as -128).
+    A super-block whose scales are all below GROUP_MAX_EPS is written as zeros (ggml's memset)."""
+    weights = np.empty(16, dtype=np.float32)
+    scales = np.empty(16, dtype=np.float32)
+    block_levels = np.empty(QK_K, dtype=np.int8)  # ggml's int8_t L[QK_K]
+    sub_scale_values = np.empty(16, dtype=np.int64)
+    for b in range(x.shape[0]):
+        block = x[b]
+        max_scale = f32(0.0)
+        max_abs_scale = f32(0.0)
+        for j in range(16):
+            for i in range(16):
+                v = block[16 * j + i]
+                weights[i] = importance[b, 16 * j + i] if has_importance else v * v
+            scales[j] = make_qx_quants(block[16 * j:16 * j + 16], weights, block_levels[16 * j:16 * j + 16],
+                                       max_level=32)
+            if abs(scales[j]) > max_abs_scale:
+                max_abs_scale = abs(scales[j])
+                max_scale = scales[j]
+        if max_abs_scale < GROUP_MAX_EPS:
+            super_scale_bits[b] = 0
+            for j in range(16):
+                sub_scales[b, j] = 0
+            for i in range(QK_K):
+                levels[b, i] = 0
+            continue
+        iscale = f32(-128.0) / max_scale
+        super_scale_bits[b] = fp16_bits(f32(1.0) / iscale)
+        for j in range(16):
+            level = ((min(127, nearest_int(iscale * scales[j])) + 128) & 0xFF) - 128  # int8_t y[i].scales[j]
+            sub_scales[b, j] = level
+            sub_scale_values[j] = level
+        _requantize_symmetric(block, block_levels, 32, super_scale_bits[b], sub_scale_values)
+        for i in range(QK_K):
+            levels[b, i] = block_levels[i]
+
+
+class Q3_K(BlockFormat):
+    """3-bit levels (2 low bits in qs, the high bit in hmask), 16 sub-blocks of 16 with 6-bit scales, one fp16
+    d (3.4375 bits/weight). Block: hmask[32], qs[64], 12 bytes of scales, d. Level index = q + 4 (0..7)."""
+
+    name = "Q3_K"
+    block_size = QK_K
+    bytes_per_block = 110
+    levels_from_search = _KEEPS_SEARCH_LEVELS
+    Params = SubScaleParams
+
+    def search(self, blocks, importance, row_sigma2):
+        n_blocks = blocks.shape[0]
+        super_scale_bits = np.empty(n_blocks, dtype=np.uint16)
+        sub_scales = np.empty((n_blocks, 16), dtype=np.uint8)
+        levels = np.empty(blocks.shape, dtype=np.uint8)
+        has_importance = importance is not None
+        _q3_k_search(blocks, importance if has_importance else _no_importance(blocks), has_importance,
+                     super_scale_bits, sub_scales, levels)
+        return (fp16_tensor(super_scale_bits), sub_scales), levels
+
+    def reconstruct(self, params: SubScaleParams) -> Grid:
+        # gguf: (int8(sc) - 32) as float32, times d
+        return _symmetric_grid(params, params.sub_scales.to(torch.float32) - 32, -4)
+
+    def pack(self, levels: torch.Tensor, params: SubScaleParams) -> torch.Tensor:
+        levels = levels.to(torch.uint8)
+        # hmask byte m, bit b: the high bit of weight 32·b + m
+        hmask = _merge_fields(_words(levels >> 2).reshape(-1, 8, 4), 1)
+        qs = _two_bit_quarters(_words(levels & 3))
+        # 6-bit scales: the low nibbles of j and j+8 share byte j; the top 2 bits of j go to byte 8 + j%4
+        sc = params.sub_scales.to(torch.uint8)
+        top = (sc >> 4).reshape(-1, 4, 4)
+        scale_bytes = torch.cat([(sc[:, :8] & 0xF) | (sc[:, 8:] << 4),
+                                 top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)], dim=1)
+        return torch.cat([_bytes(hmask), _bytes(qs), scale_bytes,
+                          fp16_bytes(params.super_scale)], dim=1)
+
+    def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, SubScaleParams]:
+        high = _split_fields(_words(data[:, :32]), 8, 1).reshape(-1, 32)
+        levels = _bytes(_from_two_bit_quarters(data[:, 32:96]) | (high << 2))
+        scale_bytes = data[:, 96:108]
+        low = torch.cat([scale_bytes[:, :8] & 0xF, scale_bytes[:, :8] >> 4], dim=1)
+        top = scale_bytes[:, 8:12]
+        top = torch.cat([top & 3, (top >> 2) & 3, (top >> 4) & 3, top >> 6], dim=1)
+        return levels, SubScaleParams(fp16_from_bytes(data[:, 108:110]), low | (top << 4))
+
+
+class Q6_K(BlockFormat):
+    """6-bit levels (4 low bits in ql, 2 high bits in qh), 16 sub-blocks of 16 with int8 scales, one fp16 d
+    (6.5625 bits/weight). Block: ql[128], qh[64], scales[16], d. Level index = q + 32 (0..63)."""
+
+    name = "Q6_K"
+    block_size = QK_K
+    bytes_per_block = 210
+    levels_from_search = _KEEPS_SEARCH_LEVELS + " (a super-block of scales all ~0 is written as zeros)"
+    Params = SubScaleParams
+
+    def search(self, blocks, importance, row_sigma2):
+        n_blocks = blocks.shape[0]
+        super_scale_bits = np.empty(n_blocks, dtype=np.uint16)
+        sub_scales = np.empty((n_blocks, 16), dtype=np.int8)
+        levels = np.empty(blocks.shape, dtype=np.uint8)
+        has_importance = importance is not None
+        _q6_k_search(blocks, importance if has_importance else _no_importance(blocks), has_importance,
+                     super_scale_bits, sub_scales, levels)
+        return (fp16_tensor(super_scale_bits), sub_scales), levels
+
+    def reconstruct(self, params: SubScaleParams) -> Grid:
+        return _symmetric_grid(params, params.sub_scales.to(torch.float32), -32)
+
+    def pack(self, levels: torch.Tensor, params: SubScaleParams) -> torch.Tensor:
+        # each 128-weight half: ql byte l holds weights l (low nibble) and l+64 (high), byte l+32 weights l+32
+        # and l+96; qh byte l the top 2 bits of l, l+32, l+64, l+96
+        levels = levels.to(torch.uint8)
+        low = _words(levels & 0xF).reshape(-1, 2, 4, 4)  # [n, half, quarter, word]
+        ql = low[:, :, 0:2] | (low[:, :, 2:4] << 4)
+        qh = _merge_fields(_words(levels >> 4).reshape(-1, 2, 4, 4), 2)
+        return torch.cat([_bytes(ql), _bytes(qh),
+                          params.sub_scales.to(torch.int8).view(torch.uint8), fp16_bytes(params.super_scale)], dim=1)
+
+    def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, SubScaleParams]:
+        # low nibbles of both 32-byte runs of ql are quarters 0, 1; their high nibbles quarters 2, 3
+        low = _split_fields(_words(data[:, :128]).reshape(-1, 2, 2, 4), 2, 4)  # [n, half, run, nibble, word]
+        low = low.transpose(2, 3).reshape(-1, 2, 4, 4)
+        high = _split_fields(_words(data[:, 128:192]).reshape(-1, 2, 4), 4, 2)
+        levels = _bytes(low | (high << 4))
+        sub_scales = data[:, 192:208].contiguous().view(torch.int8)
+        return levels, SubScaleParams(fp16_from_bytes(data[:, 208:210]), sub_scales)

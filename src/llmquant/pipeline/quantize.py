@@ -28,7 +28,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from llmquant.errors import InputError
-from llmquant.formats import FORMATS, compiled, dequantize, quantize
+from llmquant.formats import FORMATS, dequantize, quantize
 from llmquant.gguf_io.header import GGUFHeader, HeaderTensor, read_gguf_header
 from llmquant.gguf_io.writer import StreamingGGUFWriter
 from llmquant.models.demo import DEMO_MODEL_NAME, resolve_model
@@ -56,23 +56,25 @@ class QuantizeResult:
     imatrix: str | None  # where the importance matrix came from, or None
     fallbacks: int = 0
     unweighted: list[str] = field(default_factory=list)  # quantized tensors the imatrix had no entry for
-    eager_kernels: int = 0  # fused kernels the cache lacked and this (small) job did not compile: ran eager
 
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.tensor_bytes / self.n_weights if self.n_weights else 0.0
 
 
-# llama.cpp's file types that ``quantize`` builds (each tensor type of their mixes is in llmquant.formats)
-QUANTIZE_FILE_TYPES = (
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L",
-    "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS",
-)
-
-
 def supported_file_types() -> list[str]:
-    """The file types ``--type`` accepts: those whose default tensor type our formats implement."""
-    return [name for name in QUANTIZE_FILE_TYPES if FILE_TYPES[name].default_type in FORMATS]
+    """The file types ``--type`` accepts: llama.cpp's file types (``recipes.file_types``) whose default tensor type
+    is registered in ``llmquant.formats``, largest first (by the default type's bits per weight, then in
+    llama.cpp's order). Derived, never listed by hand: a newly registered format brings its file types along."""
+    order = {name: i for i, name in enumerate(FILE_TYPES)}
+    names = [name for name, ft in FILE_TYPES.items() if ft.default_type in FORMATS]
+    return sorted(names, key=lambda name: (-FORMATS[FILE_TYPES[name].default_type].bits_per_weight, order[name]))
+
+
+def supported_tensor_types() -> list[str]:
+    """The tensor types a mix, ``--tensor-type`` or ``--output-tensor-type`` can give: every registered format,
+    largest first (bits per weight, then name)."""
+    return sorted(FORMATS, key=lambda name: (-FORMATS[name].bits_per_weight, name))
 
 
 def parse_file_types(spec: str | Sequence[str]) -> list[FileType]:
@@ -282,7 +284,6 @@ def quantize_gguf(
 ) -> QuantizeResult:
     """Write ``source`` as file type ``ft`` to ``output`` (under a temporary name until complete)."""
     start = time.perf_counter()
-    compiled.take_missing()  # only this job's
     options = options or MixOptions()
     options = MixOptions(**{**options.__dict__, "has_imatrix": imatrix is not None})
     arch_info = arch_info_from_metadata(source.metadata)
@@ -296,20 +297,20 @@ def quantize_gguf(
     if missing:
         raise InputError(f"{ft.name}: tensor type {missing[0]} is not implemented in llmquant.formats yet")
     dev = torch.device(device)
-    # CPU: each worker quantizes whole parts with torch single-threaded (the block math is many small element-wise
-    # ops, which torch's own intra-op threads slow down rather than speed up); CUDA: one worker feeds the GPU
-    n_workers = (threads or os.cpu_count() or 1) if dev.type == "cpu" else 1
+    # One worker thread per core, each quantizing whole parts. ggml's searches run as numba code that releases the
+    # GIL (nogil), so the workers run in parallel; the small torch steps around them (reconstruct, pack) run
+    # single-threaded in each worker, as torch's own intra-op threads would only compete with the other workers.
+    # On CUDA too: the searches run on the CPU whatever the device (formats.base), so one worker would leave every
+    # core but one idle.
+    n_workers = threads or os.cpu_count() or 1
     if dev.type == "cpu":
         keep_freed_memory()
     arch = str(source.metadata["general.architecture"])
     unweighted: list[str] = []
     n_weights = sum(source.tensor(name).n_elements for name in plan.types)
     tensor_bytes = 0
-    n_to_quantize = sum(source.tensor(name).n_elements for name, type_name in plan.types.items()
-                        if type_name != source.tensor(name).type_name)
     with (StreamingGGUFWriter(output, arch) as writer,
-          ThreadPoolExecutor(max_workers=n_workers, initializer=_set_torch_threads_to_one) as pool,
-          compiled.may_compile(compiled.worth_it(n_to_quantize))):
+          ThreadPoolExecutor(max_workers=n_workers, initializer=_set_torch_threads_to_one) as pool):
         for name, type_name in plan.types.items():
             numpy_shape = tuple(reversed(source.tensor(name).shape))
             writer.declare(name, numpy_shape, GGMLQuantizationType[type_name])
@@ -366,7 +367,6 @@ def quantize_gguf(
         imatrix=imatrix_name,
         fallbacks=len(plan.fallbacks),
         unweighted=unweighted,
-        eager_kernels=len(compiled.take_missing()),
     )
 
 
@@ -516,8 +516,4 @@ def format_results(results: Sequence[QuantizeResult]) -> str:
                 lines.append(f"  {_count(len(r.unweighted), 'tensor')} had no imatrix entry (e.g. {r.unweighted[0]})")
         else:
             lines.append("  no importance matrix: quantized without one (give --imatrix or --calib for better quality)")
-        if r.eager_kernels:
-            lines.append(f"  {_count(r.eager_kernels, 'fused CPU kernel')} not compiled on this machine yet: their "
-                         "work ran in eager PyTorch (about 2x slower, same bytes); 'llmquant kernels build' compiles "
-                         "them once")
     return "\n".join(lines)
