@@ -24,6 +24,7 @@ from llmquant.formats.search import (
 )
 
 QK = 32  # weights per block
+_INF = np.float32(np.inf)
 
 
 class ScaleParams(NamedTuple):
@@ -65,9 +66,12 @@ def _q8_0_search(x, scale_bits, levels):
         d = amax / f32(127.0)
         inverse = f32(1.0) / d if d != 0 else f32(0.0)
         scale_bits[b] = fp16_bits(d)
-        for j in range(QK):
-            # C's (int8_t) of roundf: a denormal d's infinite inverse wraps as x86 converts
-            levels[b, j] = ((c_float_to_int(round_half_away(x[b, j] * inverse)) + 128) & 0xFF)
+        if inverse < _INF:  # |x/d| <= 127: a plain conversion
+            for j in range(QK):
+                levels[b, j] = np.int32(round_half_away(x[b, j] * inverse)) + 128
+        else:  # C's (int8_t) of roundf: a denormal d's infinite inverse wraps as x86 converts
+            for j in range(QK):
+                levels[b, j] = ((c_float_to_int(round_half_away(x[b, j] * inverse)) + 128) & 0xFF)
 
 
 class Q8_0(BlockFormat):
@@ -120,6 +124,10 @@ def _symmetric_search(x, importance, has_importance, row_sigma2, mid, scale_bits
         d = signed_max / f32(-mid)
         inverse = f32(1.0) / d if d != 0 else f32(0.0)
         scale_bits[b] = fp16_bits(d)
+        if inverse < _INF:  # x/d + mid + 0.5 lies in (0, 2·mid + 1): a plain conversion
+            for j in range(QK):
+                levels[b, j] = min(2 * mid - 1, np.int32(block[j] * inverse + f32(mid + 0.5)))
+            continue
         for j in range(QK):
             level = c_float_to_int(block[j] * inverse + f32(mid + 0.5)) & 0xFF
             level = level - 256 if level >= 128 else level  # C's (int8_t), compared signed with the cap
@@ -128,9 +136,10 @@ def _symmetric_search(x, importance, has_importance, row_sigma2, mid, scale_bits
 
 def nibbles(levels: torch.Tensor) -> torch.Tensor:
     """ggml's qs of a 32-weight block ``[n, 32]`` → ``[n, 16]``: byte j holds level j low and level j+16 high
-    (ORed as ggml does, so bytes outside a nibble pass through as they do there)."""
-    levels = levels.to(torch.uint8)
-    return levels[:, :16] | (levels[:, 16:] << 4)
+    (ORed as ggml does, so bytes outside a nibble pass through as they do there). Each half of the block is read
+    as two int64 words: shifting a word's low nibbles by 4 moves each up within its byte, as C's uint8 ``<< 4``."""
+    words = levels.to(torch.uint8).contiguous().view(torch.int64)  # [n, 4]: levels 0-15, then 16-31
+    return (words[:, :2] | ((words[:, 2:] & 0x0F0F0F0F0F0F0F0F) << 4)).view(torch.uint8)
 
 
 def from_nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -242,6 +251,10 @@ def _affine_search(x, importance, has_importance, row_sigma2, max_level, capped,
         inverse = f32(1.0) / d if d != 0 else f32(0.0)
         scale_bits[b] = fp16_bits(d)
         min_bits[b] = fp16_bits(low)
+        if inverse < _INF:  # (x - min)/d + 0.5 lies in [0.5, max_level + 1): a plain conversion
+            for j in range(QK):
+                levels[b, j] = min(max_level, np.int32((block[j] - low) * inverse + f32(0.5)))
+            continue
         for j in range(QK):
             level = c_float_to_int((block[j] - low) * inverse + f32(0.5)) & 0xFF
             if capped:  # MIN(15, (int8_t)...) compares signed

@@ -9,7 +9,7 @@ ggml's bit for bit. The traps of porting C float code to numba, and how this fil
 - ggml divides by zero on purpose (inf scales of all-zero groups that are then discarded): ``error_model="numpy"``
   gives IEEE results instead of exceptions.
 - No fastmath: ggml-base is built without -ffast-math, so its loops are sequential and contract nothing.
-- ``nearest_int`` is ggml's bit trick, fp16 conversion is ggml's bit-level round-to-nearest-even, ``roundf``
+- ``nearest_int`` is ggml's bit trick, fp16 conversion is IEEE round-to-nearest-even (LLVM's fptrunc), ``roundf``
   rounds half away from zero, and C's ``(int8_t)`` of a float truncates toward zero.
 
 numba's on-disk cache keys each compiled function on its own source file only: a format's kernel compiled
@@ -45,18 +45,6 @@ def float_bits(typingctx, value):
     return types.int32(types.float32), codegen
 
 
-@intrinsic
-def bits_float(typingctx, value):
-    """The float32 whose bits are int32 ``value``."""
-    if value != types.int32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
 @kernel
 def nearest_int(value):
     """ggml's nearest_int: round half to even through the 1.5·2^23 bit trick (out of range it wraps as in C)."""
@@ -82,57 +70,52 @@ def c_float_to_int(value):
     return int(value)
 
 
-_TO_INF = f32(2.0**112)
-_TO_ZERO = f32(2.0**-110)
+@intrinsic
+def _half_bits(typingctx, value):
+    """LLVM's fptrunc to half, as bits: IEEE round to nearest even, overflow to inf (vcvtps2ph with F16C)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.fptrunc(args[0], ir.HalfType())
+        return builder.zext(builder.bitcast(half, ir.IntType(16)), ir.IntType(32))
+
+    return types.int32(types.float32), codegen
 
 
-@kernel
-def _as_int32(value):
-    """The int32 with the low 32 bits of non-negative ``value``."""
-    return np.int32(value - (1 << 32) if value >= (1 << 31) else value)
+@intrinsic
+def _half_value(typingctx, bits):
+    """The float32 value of the half whose bits are the low 16 of int ``bits`` (exact: fpext)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.bitcast(builder.trunc(args[0], ir.IntType(16)), ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(bits), codegen
 
 
 @kernel
 def fp16_bits(value):
-    """float32 → IEEE half bits (int), round to nearest even, overflow to inf, NaN to 0x7E00 with its sign:
-    ggml's GGML_FP32_TO_FP16 (fp16_ieee_from_fp32_value)."""
-    w = np.int64(float_bits(f32(value))) & 0xFFFFFFFF
-    sign = w & 0x80000000
-    shl1_w = (w + w) & 0xFFFFFFFF
-    if shl1_w > 0xFF000000:
-        return (sign >> 16) | 0x7E00
-    # scale by 2**112 then 2**-110: exponents beyond half's overflow to inf, the rest keep 11 significant bits
-    base = (abs(f32(value)) * _TO_INF) * _TO_ZERO
-    bias = shl1_w & 0xFF000000
-    if bias < 0x71000000:
-        bias = 0x71000000
-    base = bits_float(_as_int32((bias >> 1) + 0x07800000)) + base
-    bits = np.int64(float_bits(base)) & 0xFFFFFFFF
-    exp_bits = (bits >> 13) & 0x00007C00
-    mantissa_bits = bits & 0x00000FFF
-    return (sign >> 16) | (exp_bits + mantissa_bits)
-
-
-_EXP2 = np.array([2.0 ** (e - 25) for e in range(32)], dtype=np.float32)  # (1024 + m)·2^(e-25), exactly
+    """float32 → IEEE half bits (int): ggml's GGML_FP32_TO_FP16, round to nearest even, overflow to inf; every NaN
+    becomes 0x7E00 with its sign, as ggml's portable conversion gives (the hardware's keeps payload bits)."""
+    value = f32(value)
+    if value != value:
+        return (float_bits(value) >> 16) & 0x8000 | 0x7E00
+    return _half_bits(value)
 
 
 @kernel
 def fp16_value(bits):
     """IEEE half bits → their float32 value (GGML_FP16_TO_FP32)."""
-    sign = f32(-1.0) if bits & 0x8000 else f32(1.0)
-    exponent = (bits >> 10) & 0x1F
-    mantissa = bits & 0x3FF
-    if exponent == 0:
-        return sign * (f32(mantissa) * f32(5.960464477539063e-08))  # mantissa·2^-24
-    if exponent == 31:
-        return sign * f32(np.inf) if mantissa == 0 else f32(np.nan)
-    return sign * (f32(1024 + mantissa) * _EXP2[exponent])
+    return _half_value(bits)
 
 
 @kernel
 def fp16_round(value):
     """``value`` rounded to half precision and back: what ggml reads after storing it as a ggml_half."""
-    return fp16_value(fp16_bits(value))
+    return _half_value(fp16_bits(value))
 
 
 @kernel
