@@ -203,31 +203,40 @@ def _q2_k_search(x, importance, has_importance, super_scale_bits, super_min_bits
     min by make_qkx2_quants (|x|-weighted absolute errors in ref; importance·sqrt(sigma2 + x²)-weighted squared
     errors in impl, as make_qkx3_quants), then both quantized to 4 bits: against the largest (ref) or by
     make_qp_quants weighted by each sub-block's total weight (impl)."""
-    weights = np.empty(16, dtype=np.float32)
-    scratch = np.empty(16, dtype=np.uint8)
-    scales = np.empty(16, dtype=np.float32)
-    mins = np.empty(16, dtype=np.float32)
-    sub_weight = np.empty(16, dtype=np.float32)
-    scale_levels = np.empty(16, dtype=np.uint8)
-    min_levels = np.empty(16, dtype=np.uint8)
-    packed = np.empty(16, dtype=np.int64)  # y[i].scales: the scale nibble | the min nibble << 4
-    for b in range(x.shape[0]):
+    n_blocks = x.shape[0]
+    weights = np.empty(x.shape, dtype=np.float32)
+    sub_weight = np.empty((n_blocks, 16), dtype=np.float32)
+    scales = np.empty((n_blocks, 16), dtype=np.float32)
+    mins = np.empty((n_blocks, 16), dtype=np.float32)
+    for b in range(n_blocks):
         block = x[b]
-        block_levels = levels[b]
         if has_importance:
             sigma2 = sequential_sum_of_squares(block) / f32(QK_K)
             for j in range(16):
                 sum_w = f32(0.0)
                 for i in range(16):
                     v = block[16 * j + i]
-                    weights[i] = importance[b, 16 * j + i] * np.sqrt(sigma2 + v * v)
-                    sum_w += weights[i]
-                sub_weight[j] = sum_w
-                scales[j], mins[j] = make_qkx2_quants(
-                    block[16 * j:16 * j + 16], weights, block_levels[16 * j:16 * j + 16], scratch,
-                    max_level=3, rmin=f32(-0.9), rdelta=f32(0.05), n_steps=36, use_mad=False)
-            d_block = make_qp_quants(scales, sub_weight, scale_levels, max_level=15)
-            m_block = make_qp_quants(mins, sub_weight, min_levels, max_level=15)
+                    weights[b, 16 * j + i] = importance[b, 16 * j + i] * np.sqrt(sigma2 + v * v)
+                    sum_w += weights[b, 16 * j + i]
+                sub_weight[b, j] = sum_w
+        else:
+            for i in range(QK_K):
+                weights[b, i] = abs(block[i])
+    if has_importance:
+        make_qkx2_quants(x, weights, 16, levels, scales, mins, max_level=3,
+                         rmin=f32(-0.9), rdelta=f32(0.05), n_steps=36, use_mad=False)
+    else:
+        make_qkx2_quants(x, weights, 16, levels, scales, mins, max_level=3,
+                         rmin=f32(-0.5), rdelta=f32(0.1), n_steps=15, use_mad=True)
+    scale_levels = np.empty(16, dtype=np.uint8)
+    min_levels = np.empty(16, dtype=np.uint8)
+    packed = np.empty(16, dtype=np.int64)  # y[i].scales: the scale nibble | the min nibble << 4
+    for b in range(n_blocks):
+        block = x[b]
+        block_levels = levels[b]
+        if has_importance:
+            d_block = make_qp_quants(scales[b], sub_weight[b], scale_levels, max_level=15)
+            m_block = make_qp_quants(mins[b], sub_weight[b], min_levels, max_level=15)
             super_scale_bits[b] = fp16_bits(d_block)
             super_min_bits[b] = fp16_bits(m_block)
             for j in range(16):
@@ -236,19 +245,14 @@ def _q2_k_search(x, importance, has_importance, super_scale_bits, super_min_bits
             max_scale = f32(0.0)  # ggml: scales of a scale + min fit are never negative
             max_min = f32(0.0)
             for j in range(16):
-                for i in range(16):
-                    weights[i] = abs(block[16 * j + i])
-                scales[j], mins[j] = make_qkx2_quants(
-                    block[16 * j:16 * j + 16], weights, block_levels[16 * j:16 * j + 16], scratch,
-                    max_level=3, rmin=f32(-0.5), rdelta=f32(0.1), n_steps=15, use_mad=True)
-                if scales[j] > max_scale:
-                    max_scale = scales[j]
-                if mins[j] > max_min:
-                    max_min = mins[j]
+                if scales[b, j] > max_scale:
+                    max_scale = scales[b, j]
+                if mins[b, j] > max_min:
+                    max_min = mins[b, j]
             if max_scale > 0:
                 iscale = f32(15.0) / max_scale
                 for j in range(16):
-                    packed[j] = nearest_int(iscale * scales[j]) & 0xFF  # uint8 y[i].scales[j] = l
+                    packed[j] = nearest_int(iscale * scales[b, j]) & 0xFF  # uint8 y[i].scales[j] = l
                 super_scale_bits[b] = fp16_bits(max_scale / f32(15.0))
             else:
                 for j in range(16):
@@ -257,7 +261,7 @@ def _q2_k_search(x, importance, has_importance, super_scale_bits, super_min_bits
             if max_min > 0:
                 iscale = f32(15.0) / max_min
                 for j in range(16):
-                    packed[j] = (packed[j] | (nearest_int(iscale * mins[j]) << 4)) & 0xFF
+                    packed[j] = (packed[j] | (nearest_int(iscale * mins[b, j]) << 4)) & 0xFF
                 super_min_bits[b] = fp16_bits(max_min / f32(15.0))
             else:
                 super_min_bits[b] = fp16_bits(f32(0.0))
@@ -277,30 +281,39 @@ def _k4_search(x, importance, has_importance, max_level, rmin, rdelta, n_steps, 
     make_qkx3_quants with sigma2 twice the super-block's mean square), then both quantized to 6 bits: against
     the largest (ref) or by make_qp_quants weighted by each sub-block's total weight (impl; Q5_K's impl also
     clamps those to 63, a no-op for make_qp_quants' levels: ``clamp_importance_levels``)."""
-    weights = np.empty(32, dtype=np.float32)
-    scratch = np.empty(32, dtype=np.uint8)
-    scales = np.empty(8, dtype=np.float32)
-    mins = np.empty(8, dtype=np.float32)
-    sub_weight = np.empty(8, dtype=np.float32)
-    scale_levels = np.empty(8, dtype=np.uint8)
-    min_levels = np.empty(8, dtype=np.uint8)
-    for b in range(x.shape[0]):
+    n_blocks = x.shape[0]
+    weights = np.empty(x.shape, dtype=np.float32)
+    sub_weight = np.empty((n_blocks, 8), dtype=np.float32)
+    scales = np.empty((n_blocks, 8), dtype=np.float32)
+    mins = np.empty((n_blocks, 8), dtype=np.float32)
+    for b in range(n_blocks):
         block = x[b]
-        block_levels = levels[b]
         if has_importance:
             sigma2 = f32(2.0) * sequential_sum_of_squares(block) / f32(QK_K)
             for j in range(8):
                 sum_w = f32(0.0)
                 for i in range(32):
                     v = block[32 * j + i]
-                    weights[i] = importance[b, 32 * j + i] * np.sqrt(sigma2 + v * v)
-                    sum_w += weights[i]
-                sub_weight[j] = sum_w
-                scales[j], mins[j] = make_qkx2_quants(
-                    block[32 * j:32 * j + 32], weights, block_levels[32 * j:32 * j + 32], scratch,
-                    max_level=max_level, rmin=f32(-0.9), rdelta=f32(0.05), n_steps=36, use_mad=False)
-            d_block = make_qp_quants(scales, sub_weight, scale_levels, max_level=63)
-            m_block = make_qp_quants(mins, sub_weight, min_levels, max_level=63)
+                    weights[b, 32 * j + i] = importance[b, 32 * j + i] * np.sqrt(sigma2 + v * v)
+                    sum_w += weights[b, 32 * j + i]
+                sub_weight[b, j] = sum_w
+        else:
+            for j in range(8):
+                av_x = np.sqrt(sequential_sum_of_squares(block[32 * j:32 * j + 32]) / f32(32.0))
+                for i in range(32 * j, 32 * j + 32):
+                    weights[b, i] = av_x + abs(block[i])
+    if has_importance:
+        make_qkx2_quants(x, weights, 32, levels, scales, mins, max_level=max_level,
+                         rmin=f32(-0.9), rdelta=f32(0.05), n_steps=36, use_mad=False)
+    else:
+        make_qkx2_quants(x, weights, 32, levels, scales, mins, max_level=max_level,
+                         rmin=rmin, rdelta=rdelta, n_steps=n_steps, use_mad=False)
+    scale_levels = np.empty(8, dtype=np.uint8)
+    min_levels = np.empty(8, dtype=np.uint8)
+    for b in range(n_blocks):
+        if has_importance:
+            d_block = make_qp_quants(scales[b], sub_weight[b], scale_levels, max_level=63)
+            m_block = make_qp_quants(mins[b], sub_weight[b], min_levels, max_level=63)
             for j in range(8):
                 # Q4_K's impl stores them as they are: make_qp_quants caps them at 63 (or wraps a negative one,
                 # which no scale + min fit gives); 6 bits are kept either way
@@ -312,26 +325,19 @@ def _k4_search(x, importance, has_importance, max_level, rmin, rdelta, n_steps, 
             max_scale = f32(0.0)  # ggml: scales of a scale + min fit are never negative
             max_min = f32(0.0)
             for j in range(8):
-                sub_block = block[32 * j:32 * j + 32]
-                av_x = np.sqrt(sequential_sum_of_squares(sub_block) / f32(32.0))
-                for i in range(32):
-                    weights[i] = av_x + abs(sub_block[i])
-                scales[j], mins[j] = make_qkx2_quants(
-                    sub_block, weights, block_levels[32 * j:32 * j + 32], scratch,
-                    max_level=max_level, rmin=rmin, rdelta=rdelta, n_steps=n_steps, use_mad=False)
-                if scales[j] > max_scale:
-                    max_scale = scales[j]
-                if mins[j] > max_min:
-                    max_min = mins[j]
+                if scales[b, j] > max_scale:
+                    max_scale = scales[b, j]
+                if mins[b, j] > max_min:
+                    max_min = mins[b, j]
             inv_scale = f32(63.0) / max_scale if max_scale > 0 else f32(0.0)
             inv_min = f32(63.0) / max_min if max_min > 0 else f32(0.0)
             for j in range(8):
                 # uint8 ls = nearest_int(...); MIN(63, ls)
-                sub_scales[b, j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
-                sub_mins[b, j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+                sub_scales[b, j] = min(63, nearest_int(inv_scale * scales[b, j]) & 0xFF)
+                sub_mins[b, j] = min(63, nearest_int(inv_min * mins[b, j]) & 0xFF)
             super_scale_bits[b] = fp16_bits(max_scale / f32(63.0))
             super_min_bits[b] = fp16_bits(max_min / f32(63.0))
-        _requantize_affine(block, block_levels, 32, max_level, super_scale_bits[b], super_min_bits[b],
+        _requantize_affine(x[b], levels[b], 32, max_level, super_scale_bits[b], super_min_bits[b],
                            sub_scales[b], sub_mins[b])
 
 

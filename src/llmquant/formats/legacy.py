@@ -228,18 +228,21 @@ def _affine_search(x, importance, has_importance, row_sigma2, max_level, capped,
     The reference path takes min and max as ggml's loop keeps them (the first of a +0/-0 tie),
     d = (max - min)/max_level and truncates ``(x - min)/d + 0.5`` (Q4_1 caps at 15 as a signed int8, Q5_1
     converts straight to uint8). The importance path is make_qkx3_quants weighted by qw·sqrt(sigma2 + x²)."""
-    weights = np.empty(QK, dtype=np.float32)
-    scratch = np.empty(QK, dtype=np.uint8)
+    if has_importance:
+        weights = np.empty(x.shape, dtype=np.float32)
+        for b in range(x.shape[0]):
+            for j in range(QK):
+                weights[b, j] = importance[b, j] * np.sqrt(row_sigma2[b] + x[b, j] * x[b, j])
+        scales = np.empty((x.shape[0], 1), dtype=np.float32)
+        mins = np.empty((x.shape[0], 1), dtype=np.float32)
+        make_qkx2_quants(x, weights, QK, levels, scales, mins, max_level=max_level,
+                         rmin=f32(-0.9), rdelta=f32(0.05), n_steps=36, use_mad=False)
+        for b in range(x.shape[0]):
+            scale_bits[b] = fp16_bits(scales[b, 0])
+            min_bits[b] = fp16_bits(-mins[b, 0])
+        return
     for b in range(x.shape[0]):
         block = x[b]
-        if has_importance:
-            for j in range(QK):
-                weights[j] = importance[b, j] * np.sqrt(row_sigma2[b] + block[j] * block[j])
-            d, the_min = make_qkx2_quants(block, weights, levels[b], scratch, max_level=max_level,
-                                          rmin=f32(-0.9), rdelta=f32(0.05), n_steps=36, use_mad=False)
-            scale_bits[b] = fp16_bits(d)
-            min_bits[b] = fp16_bits(-the_min)
-            continue
         low = f32(np.inf)
         high = f32(-np.inf)
         for j in range(QK):

@@ -221,75 +221,136 @@ def make_q3_quants(x, levels, max_level):
     return sumlx / suml2 if suml2 > 0 else f32(0.0)
 
 
+LANES = 32  # groups fitted side by side by make_qkx2_quants: LLVM vectorizes a loop this long, not one of 8
+
+
 @kernel
-def make_qkx2_quants(x, weights, levels, scratch, max_level, rmin, rdelta, n_steps, use_mad):
+def make_qkx2_quants(x, weights, group_size, levels, scales, mins, max_level, rmin, rdelta, n_steps, use_mad):
     """ggml's make_qkx2_quants (and make_qkx3_quants, which differs only in weighting by x² where it gets no
-    weights: pass them): ``x ≈ scale·l - the_min`` with l in 0..max_level and the_min >= 0, weighted least
+    weights: pass them) on every ``group_size`` run of each row of ``x`` ([n_blocks, block_len] float32, with
+    ``weights`` alike): ``x ≈ scale·l - the_min`` with l in 0..max_level and the_min >= 0, weighted least
     squares over the first guess and ``n_steps + 1`` inverse scales ``(rmin + rdelta·k + max_level)/(max - min)``,
-    keeping the least ``Σ w·|err|`` (use_mad) or ``Σ w·err²``. Writes ``levels`` (``scratch`` holds each
-    candidate's); returns (scale, the_min)."""
-    n = x.shape[0]
-    low = x[0]
-    high = x[0]
-    sum_w = weights[0]
-    sum_x = sum_w * x[0]
-    for i in range(1, n):
-        if x[i] < low:
-            low = x[i]
-        if x[i] > high:
-            high = x[i]
-        sum_w += weights[i]
-        sum_x += weights[i] * x[i]
-    if low > 0:
-        low = f32(0.0)
-    if high <= low:
-        for i in range(n):
-            levels[i] = 0
-        return f32(0.0), -low
+    keeping the least ``Σ w·|err|`` (use_mad) or ``Σ w·err²``. Writes ``levels`` (like x) and ``scales`` and
+    ``mins`` ([n_blocks, block_len // group_size]; mins are ggml's returned the_min).
+
+    The groups are fitted LANES at a time, transposed so that the inner loops run across groups: each group's
+    sums still add its weights in ggml's order, so every result is ggml's bit for bit."""
+    n_blocks = x.shape[0]
+    per_block = x.shape[1] // group_size
+    n_groups = n_blocks * per_block
+    for start in range(0, n_groups, LANES):
+        lanes = min(LANES, n_groups - start)
+        xt = np.empty((group_size, lanes), dtype=np.float32)
+        wt = np.empty((group_size, lanes), dtype=np.float32)
+        lt = np.empty((group_size, lanes), dtype=np.int32)
+        scale = np.empty(lanes, dtype=np.float32)
+        the_min = np.empty(lanes, dtype=np.float32)
+        for k in range(lanes):
+            b, j = divmod(start + k, per_block)
+            for i in range(group_size):
+                xt[i, k] = x[b, group_size * j + i]
+                wt[i, k] = weights[b, group_size * j + i]
+        _fit_scale_min_lanes(xt, wt, lt, scale, the_min, max_level, rmin, rdelta, n_steps, use_mad)
+        for k in range(lanes):
+            b, j = divmod(start + k, per_block)
+            scales[b, j] = scale[k]
+            mins[b, j] = the_min[k]
+            for i in range(group_size):
+                levels[b, group_size * j + i] = lt[i, k]
+
+
+@kernel
+def _fit_scale_min_lanes(x, w, levels, scale_out, min_out, max_level, rmin, rdelta, n_steps, use_mad):
+    """make_qkx2_quants on the columns of ``x`` [n, lanes] at once (every loop runs over the lanes innermost;
+    a lane's branches of ggml's code become selects)."""
+    n, lanes = x.shape
     nmax = f32(max_level)
-    iscale = nmax / (high - low)
-    scale = f32(1.0) / iscale
-    best_error = f32(0.0)
+    low = x[0].copy()
+    high = x[0].copy()
+    sum_w = w[0].copy()
+    sum_x = w[0] * x[0]
+    for i in range(1, n):
+        for k in range(lanes):
+            v = x[i, k]
+            low[k] = v if v < low[k] else low[k]
+            high[k] = v if v > high[k] else high[k]
+            sum_w[k] += w[i, k]
+            sum_x[k] += w[i, k] * v
+    iscale = np.empty(lanes, dtype=np.float32)
+    scale = np.empty(lanes, dtype=np.float32)
+    best_error = np.zeros(lanes, dtype=np.float32)
+    for k in range(lanes):
+        low[k] = f32(0.0) if low[k] > 0 else low[k]
+        iscale[k] = nmax / (high[k] - low[k])
+        scale[k] = f32(1.0) / iscale[k]
     for i in range(n):
-        level = max(0, min(max_level, nearest_int(iscale * (x[i] - low))))
-        levels[i] = level
-        diff = scale * f32(level) + low - x[i]
-        diff = abs(diff) if use_mad else diff * diff
-        best_error += weights[i] * diff
-    if n_steps < 1:
-        return scale, -low
-    best_low = low
-    for step in range(n_steps + 1):
-        iscale = (rmin + rdelta * f32(step) + nmax) / (high - best_low)
-        sum_l = f32(0.0)
-        sum_l2 = f32(0.0)
-        sum_xl = f32(0.0)
-        for i in range(n):
-            level = max(0, min(max_level, nearest_int(iscale * (x[i] - best_low))))
-            scratch[i] = level
-            fl = f32(level)
-            sum_l += weights[i] * fl
-            sum_l2 += weights[i] * fl * fl
-            sum_xl += weights[i] * fl * x[i]
-        det = sum_w * sum_l2 - sum_l * sum_l
-        if det > 0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            if this_min > 0:
-                this_min = f32(0.0)
-                this_scale = sum_xl / sum_l2
-            error = f32(0.0)
+        for k in range(lanes):
+            level = max(0, min(max_level, nearest_int(iscale[k] * (x[i, k] - low[k]))))
+            levels[i, k] = level
+            diff = scale[k] * f32(level) + low[k] - x[i, k]
+            best_error[k] += w[i, k] * (abs(diff) if use_mad else diff * diff)
+    best_low = low.copy()
+    if n_steps >= 1:
+        candidate = np.empty((n, lanes), dtype=np.int32)
+        sum_l = np.empty(lanes, dtype=np.float32)
+        sum_l2 = np.empty(lanes, dtype=np.float32)
+        sum_xl = np.empty(lanes, dtype=np.float32)
+        this_scale = np.empty(lanes, dtype=np.float32)
+        this_min = np.empty(lanes, dtype=np.float32)
+        error = np.empty(lanes, dtype=np.float32)
+        better = np.empty(lanes, dtype=np.bool_)
+        for step in range(n_steps + 1):
+            for k in range(lanes):
+                iscale[k] = (rmin + rdelta * f32(step) + nmax) / (high[k] - best_low[k])
+                sum_l[k] = f32(0.0)
+                sum_l2[k] = f32(0.0)
+                sum_xl[k] = f32(0.0)
             for i in range(n):
-                diff = this_scale * f32(scratch[i]) + this_min - x[i]
-                diff = abs(diff) if use_mad else diff * diff
-                error += weights[i] * diff
-            if error < best_error:
-                for i in range(n):
-                    levels[i] = scratch[i]
-                best_error = error
-                scale = this_scale
-                best_low = this_min
-    return scale, -best_low
+                for k in range(lanes):
+                    level = max(0, min(max_level, nearest_int(iscale[k] * (x[i, k] - best_low[k]))))
+                    candidate[i, k] = level
+                    fl = f32(level)
+                    sum_l[k] += w[i, k] * fl
+                    sum_l2[k] += w[i, k] * fl * fl
+                    sum_xl[k] += w[i, k] * fl * x[i, k]
+            any_fit = False
+            for k in range(lanes):
+                det = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k]
+                fitted_scale = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / det
+                fitted_min = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / det
+                if fitted_min > 0:
+                    fitted_min = f32(0.0)
+                    fitted_scale = sum_xl[k] / sum_l2[k]
+                this_scale[k] = fitted_scale
+                this_min[k] = fitted_min
+                better[k] = det > 0
+                any_fit |= det > 0
+                error[k] = f32(0.0)
+            if not any_fit:
+                continue
+            for i in range(n):
+                for k in range(lanes):
+                    diff = this_scale[k] * f32(candidate[i, k]) + this_min[k] - x[i, k]
+                    error[k] += w[i, k] * (abs(diff) if use_mad else diff * diff)
+            for k in range(lanes):
+                better[k] = better[k] and error[k] < best_error[k]
+                if better[k]:
+                    best_error[k] = error[k]
+                    scale[k] = this_scale[k]
+                    best_low[k] = this_min[k]
+            for i in range(n):
+                for k in range(lanes):
+                    if better[k]:
+                        levels[i, k] = candidate[i, k]
+    for k in range(lanes):
+        if high[k] <= low[k]:  # all one value (>= 0 after the min's clamp): ggml returns before any fit
+            scale_out[k] = f32(0.0)
+            min_out[k] = -low[k]
+            for i in range(n):
+                levels[i, k] = 0
+        else:
+            scale_out[k] = scale[k]
+            min_out[k] = -best_low[k]
 
 
 @kernel
