@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llmquant.errors import InputError  # noqa: E402
 from llmquant.models.demo import demo_gguf_path  # noqa: E402
 from llmquant.oracles.llama_quantize import llama_quantize  # noqa: E402
 from llmquant.pipeline.quantize import quantize_model  # noqa: E402
@@ -72,10 +73,14 @@ def main() -> None:
         imatrix_file = write_imatrix_file(imatrix, tmp_path / "imatrix.gguf") if imatrix is not None else None
         for file_type in args.types.split(","):
             ours = tmp_path / f"ours-{file_type}.gguf"
-            if args.fresh:
-                first_s, ours_s = _two_runs_in_a_new_process(model, ours, file_type, imatrix_file, args)
-            else:
-                first_s, ours_s = _two_runs(model, ours, file_type, imatrix_file, args.threads)
+            try:
+                if args.fresh:
+                    first_s, ours_s = _two_runs_in_a_new_process(model, ours, file_type, imatrix_file, args)
+                else:
+                    first_s, ours_s = _two_runs(model, ours, file_type, imatrix_file, args.threads)
+            except InputError as refused:  # e.g. Q2_K_S and the i-quants without --imatrix, as llama.cpp
+                print(f"{file_type:<8} not run: {refused}")
+                continue
             theirs = llama_quantize(model, tmp_path / f"llama-{file_type}.gguf", file_type, nthread=args.threads,
                                     imatrix=imatrix)
             same = np.array_equal(np.fromfile(ours, np.uint8), np.fromfile(theirs.output, np.uint8))
@@ -109,7 +114,12 @@ def _two_runs_in_a_new_process(model: Path, ours: Path, file_type: str, imatrix_
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", script, str(model), str(ours), file_type, str(imatrix_file or ""),
                            str(args.threads)], capture_output=True, text=True, cwd=root,
-                          env={**os.environ, "PYTHONPATH": str(root)}, check=True)
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    if done.returncode != 0:
+        last_line = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if "InputError" in last_line:
+            raise InputError(last_line.split(": ", 1)[-1])
+        raise RuntimeError(f"ours failed on {file_type}:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
