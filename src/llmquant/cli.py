@@ -94,7 +94,8 @@ def convert(model: str, output: str, outtype: str, allow_pickle: bool) -> None:
 @cli.command()
 @click.argument("model", metavar="MODEL")
 @click.option("-f", "--file", "text_files", multiple=True, metavar="TEXT",
-              help="Calibration text: plain text or JSONL with a 'text' field; repeatable. Default: built-in text.")
+              help="Calibration text: plain text or JSONL with a 'text' field; repeatable. Default: 'builtin' "
+                   "(Python's language reference).")
 @click.option("-o", "--output", default="imatrix.gguf", show_default=True, help="The imatrix file to write.")
 @click.option("--ctx", default=512, show_default=True, help="Tokens per chunk.")
 @click.option("--chunks", type=int, default=None, help="Use at most this many chunks (default: all).")
@@ -162,12 +163,20 @@ class _QuantizeCommand(click.Command):
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
               help="Override the type of tensors whose name matches REGEX (first match wins); repeatable.")
 @click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight in its input type.")
+@click.option("--method", default="rtn", show_default=True,
+              type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"], case_sensitive=False),
+              help="rtn: llama-quantize's own rounding, byte for byte. gptq: error feedback (GPTQ) onto the same "
+                   "grids, layer by layer on --calib. awq: activation-aware channel scales (AWQ), then rounding. "
+                   "awq+gptq: both. Same tensor types and file size as rtn; needs a Hugging Face folder.")
+@click.option("--damp", type=float, default=0.01, show_default=True,
+              help="GPTQ: dampening added to the Hessian's diagonal, as a fraction of its mean.")
+@click.option("--act-order", is_flag=True, help="GPTQ: round columns by decreasing activation (static groups).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 def quantize(model: str, output: str, types: str, imatrix_file: str | None, calib: tuple[str, ...],
              calib_chunks: int, calib_ctx: int, pure: bool, output_tensor_type: str | None,
              token_embedding_type: str | None, tensor_types: tuple[str, ...], leave_output_tensor: bool,
-             threads: int | None, device: str) -> None:
+             method: str, damp: float, act_order: bool, threads: int | None, device: str) -> None:
     """Quantize a model to one of llama.cpp's mixes, with the same tensor types as llama-quantize.
 
     MODEL is a Hugging Face folder, 'smollm2-135m', or an F32/F16/BF16 GGUF. Without --imatrix or
@@ -179,6 +188,7 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
       llmquant quantize smollm2-135m -o quants/ --type Q4_K_M,Q6_K,IQ4_XS --calib builtin
       llmquant quantize model-f16.gguf -o out.gguf --type Q5_K_M --imatrix imatrix.gguf
       llmquant quantize ./model -o out.gguf --type Q4_K_M --tensor-type 'ffn_down=Q6_K'
+      llmquant quantize smollm2-135m -o q3.gguf --type Q3_K_M --method gptq --calib builtin
     """
     from llmquant.pipeline.quantize import format_results, quantize_model
     from llmquant.recipes.mixes import MixOptions
@@ -199,13 +209,16 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
     try:
         results = quantize_model(model, output, types, imatrix_file=imatrix_file, calib=list(calib), options=options,
                                  device=device, threads=threads, calib_chunks=calib_chunks, calib_ctx=calib_ctx,
-                                 progress=True, log=lambda msg: click.echo(msg, err=True))
+                                 progress=True, log=lambda msg: click.echo(msg, err=True), method=method.lower(),
+                                 damp=damp, act_order=act_order)
     except ValueError as exc:  # bad option values reported by the recipes
         raise click.ClickException(str(exc)) from None
     click.echo(format_results(results))
 
 
-_EVAL_TEXT_HELP = "Evaluation text: plain text or JSONL with a 'text' field; repeatable. Default: built-in text."
+_EVAL_TEXT_HELP = ("Evaluation text: plain text or JSONL with a 'text' field, or 'heldout'; repeatable. Default: "
+                   "'heldout', the built-in held-out text (standard-library docstrings), which --calib builtin "
+                   "never sees.")
 _REFERENCE_HELP = ("Full-precision model (HF folder, F32/F16 GGUF, 'smollm2-135m') or a reference-logits file "
                    "(--save-reference, or llama-perplexity --kl-divergence-base).")
 

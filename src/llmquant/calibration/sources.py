@@ -2,7 +2,8 @@
 
 A source spec is a path (``.jsonl``/``.ndjson`` files are read as one JSON object per line with a ``text``
 field; anything else as UTF-8 text) or ``hf:NAME[:CONFIG[:SPLIT]]`` for a dataset through the optional
-``datasets`` package. No spec at all means the built-in text.
+``datasets`` package. ``builtin`` names the built-in calibration text, ``heldout`` the built-in held-out text
+(``calibration.builtin``). No spec at all means the built-in calibration text.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmquant.calibration.builtin import BUILTIN_NAME, builtin_text
+from llmquant.calibration.builtin import BUILTIN_NAME, HELDOUT_NAME, builtin_text, heldout_text
 from llmquant.errors import InputError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -38,9 +39,11 @@ def load_text_sources(specs: Sequence[str]) -> list[TextSource]:
 
 
 def load_text_source(spec: str) -> TextSource:
-    """Read one spec: a text file, a JSONL file or ``hf:NAME[:CONFIG[:SPLIT]]``."""
+    """Read one spec: ``builtin``, ``heldout``, a text file, a JSONL file or ``hf:NAME[:CONFIG[:SPLIT]]``."""
     if spec in ("builtin", BUILTIN_NAME):  # the built-in text, named explicitly (e.g. quantize --calib builtin)
         return TextSource(BUILTIN_NAME, builtin_text())
+    if spec in ("heldout", HELDOUT_NAME):  # the built-in evaluation text, which calibration never sees
+        return TextSource(HELDOUT_NAME, heldout_text())
     if spec.startswith(DATASET_PREFIX):
         return _load_dataset(spec)
     path = Path(spec).expanduser()

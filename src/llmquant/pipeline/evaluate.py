@@ -100,7 +100,8 @@ def reference_logits(reference: str, text_files: Sequence[str] = (), n_ctx: int 
 
 def _run_reference(model_path: Path, text_files: Sequence[str], n_ctx: int, max_chunks: int | None, backend: str,
                    device: str, target: Path, progress: bool) -> None:
-    text = join_sources(load_text_sources(list(text_files)))
+    # by default the held-out text: the calibration default (``builtin``) would score a model on what tuned it
+    text = join_sources(load_text_sources(list(text_files) or ["heldout"]))
     runner = open_backend(model_path, backend, n_ctx, device)
     try:
         tokens = runner.tokenize(text)

@@ -30,11 +30,11 @@ from gguf import GGMLQuantizationType
 from llmquant.errors import InputError
 from llmquant.formats import FORMATS, dequantize, quantize
 from llmquant.gguf_io.header import GGUFHeader, HeaderTensor, read_gguf_header
-from llmquant.gguf_io.writer import StreamingGGUFWriter
+from llmquant.gguf_io.writer import StreamingGGUFWriter, tensor_nbytes
 from llmquant.models.demo import DEMO_MODEL_NAME, resolve_model
 from llmquant.recipes.arch import arch_info_from_metadata
 from llmquant.recipes.file_types import FILE_TYPES, FileType, file_type
-from llmquant.recipes.mixes import MixOptions, TensorSpec, plan_mix
+from llmquant.recipes.mixes import MixOptions, MixPlan, TensorSpec, plan_mix
 
 # GGML_QNT_VERSION: written by llama-quantize into every file it makes
 QUANTIZATION_VERSION = 2
@@ -56,6 +56,7 @@ class QuantizeResult:
     imatrix: str | None  # where the importance matrix came from, or None
     fallbacks: int = 0
     unweighted: list[str] = field(default_factory=list)  # quantized tensors the imatrix had no entry for
+    method: Any = None  # pipeline.calibrated.MethodResult, when a calibrated method made the linears
 
     @property
     def bits_per_weight(self) -> float:
@@ -245,6 +246,10 @@ def _encode_part(source: GGUFSource, part: _Part, device: torch.device) -> np.nd
     return data.copy() if np.may_share_memory(data, raw) else data
 
 
+def _given_part(_source: GGUFSource, _part: _Part, data: np.ndarray) -> np.ndarray:
+    return data
+
+
 def _copy_part(source: GGUFSource, part: _Part) -> np.ndarray:
     """One part of a tensor kept in its type: its bytes as they are."""
     return source.read(part.name, *_byte_range(part))
@@ -271,6 +276,13 @@ def _set_torch_threads_to_one() -> None:
     torch.set_num_threads(1)
 
 
+def plan_file_type(source: GGUFSource, ft: FileType, options: MixOptions | None = None,
+                   has_imatrix: bool = False) -> MixPlan:
+    """Each tensor's type in file type ``ft`` (llama.cpp's mix for this model)."""
+    options = MixOptions(**{**(options or MixOptions()).__dict__, "has_imatrix": has_imatrix})
+    return plan_mix(source.specs(), arch_info_from_metadata(source.metadata), ft, options)
+
+
 def quantize_gguf(
     source: GGUFSource,
     output: Path,
@@ -281,13 +293,16 @@ def quantize_gguf(
     device: str = "cpu",
     progress: bool = False,
     threads: int | None = None,
+    tensors: Mapping[str, np.ndarray] | None = None,
+    plan: MixPlan | None = None,
 ) -> QuantizeResult:
-    """Write ``source`` as file type ``ft`` to ``output`` (under a temporary name until complete)."""
+    """Write ``source`` as file type ``ft`` to ``output`` (under a temporary name until complete).
+
+    ``tensors``: GGUF name -> bytes already made for the file (by a calibrated method), written as they are in
+    place of quantizing the source's tensor; ``plan``: the mix, when the caller has already planned it."""
     start = time.perf_counter()
-    options = options or MixOptions()
-    options = MixOptions(**{**options.__dict__, "has_imatrix": imatrix is not None})
-    arch_info = arch_info_from_metadata(source.metadata)
-    plan = plan_mix(source.specs(), arch_info, ft, options)
+    plan = plan or plan_file_type(source, ft, options, has_imatrix=imatrix is not None)
+    tensors = tensors or {}
     if plan.needs_imatrix and imatrix is None:
         raise InputError(
             f"{ft.name} needs an importance matrix for {len(plan.needs_imatrix)} tensors (e.g. "
@@ -338,7 +353,13 @@ def quantize_gguf(
         try:
             for name, type_name in plan.types.items():
                 t = source.tensor(name)
-                if type_name == t.type_name:  # kept as it is: copied byte for byte
+                if name in tensors:
+                    given = tensors[name]
+                    if given.nbytes != tensor_nbytes(tuple(reversed(t.shape)), GGMLQuantizationType[type_name]):
+                        raise RuntimeError(f"{name}: {given.nbytes} bytes made for {type_name}, the file needs more")
+                    submit(_Part(name, 0, int(np.prod(t.shape[1:])), int(t.shape[0]), t.type_name, type_name, None),
+                           _given_part, given)
+                elif type_name == t.type_name:  # kept as it is: copied byte for byte
                     for part in _parts(name, t.shape, t.type_name, type_name, None):
                         submit(part, _copy_part)
                 else:
@@ -413,9 +434,20 @@ def quantize_model(
     calib_ctx: int = 512,
     progress: bool = False,
     log: Callable[[str], None] = lambda _msg: None,
+    method: str = "rtn",
+    damp: float = 0.01,
+    act_order: bool = False,
 ) -> list[QuantizeResult]:
-    """Quantize ``model`` to each file type in ``types``; one conversion and one imatrix serve them all."""
+    """Quantize ``model`` to each file type in ``types``; one conversion and one imatrix serve them all.
+
+    ``method``: ``rtn`` (llama-quantize's bytes), or ``gptq``, ``awq``, ``awq+gptq`` (``pipeline.calibrated``:
+    the decoder layers' linears calibrated layer by layer on ``calib``, a Hugging Face folder needed)."""
+    from llmquant.pipeline.calibrated import parse_method
+
     file_types = parse_file_types(types)
+    method = parse_method(method)
+    if method != "rtn" and not calib:
+        raise InputError(f"--method {method} calibrates on text: give --calib TEXT (e.g. --calib builtin)")
     if imatrix_file and calib:
         raise InputError("give either --imatrix or --calib, not both")
     if threads is not None and threads < 1:
@@ -445,7 +477,8 @@ def quantize_model(
         if _is_gguf(model_path):
             source_path = model_path
             if calib:
-                raise InputError("--calib needs a Hugging Face model folder to run; for a GGUF give --imatrix FILE")
+                raise InputError("--calib (and every --method but rtn) needs a Hugging Face model folder to run; "
+                                 "for a GGUF give --imatrix FILE")
         elif model_path.is_dir():
             from llmquant.pipeline.convert import convert_model
 
@@ -477,11 +510,30 @@ def quantize_model(
                 target = output / f"{_output_stem(model, model_path)}-{ft.name}.gguf"
             else:
                 target = output
-            results.append(quantize_gguf(source, target, ft, imatrix=imatrix, imatrix_name=imatrix_name,
-                                         options=options, device=device, progress=progress, threads=threads))
+            plan = plan_file_type(source, ft, options, has_imatrix=imatrix is not None)
+            made = None
+            if method != "rtn":
+                from llmquant.pipeline.calibrated import quantize_with_method
+
+                log(f"{ft.name}: {method} on {', '.join(calib)}, layer by layer")
+                token_ids = _calibration_tokens(model_path, calib, calib_ctx, calib_chunks)
+                made = quantize_with_method(model_path, method, plan.types, token_ids, device=device, damp=damp,
+                                            act_order=act_order, progress=progress)
+            result = quantize_gguf(source, target, ft, imatrix=imatrix, imatrix_name=imatrix_name, options=options,
+                                   device=device, progress=progress, threads=threads,
+                                   tensors=made.tensors if made else None, plan=plan)
+            result.method = made
+            results.append(result)
         return results
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _calibration_tokens(folder: Path, calib: Sequence[str], n_ctx: int, n_chunks: int | None) -> torch.Tensor:
+    from llmquant.calibration.chunking import chunk_text, load_tokenizer
+    from llmquant.calibration.sources import join_sources, load_text_sources
+
+    return chunk_text(load_tokenizer(folder), join_sources(load_text_sources(list(calib))), n_ctx, n_chunks).token_ids
 
 
 def _output_stem(model: str | os.PathLike, model_path: Path) -> str:
@@ -510,6 +562,15 @@ def format_results(results: Sequence[QuantizeResult]) -> str:
         if r.fallbacks:
             lines.append(f"  {_count(r.fallbacks, 'tensor')} used a fallback type (rows not a multiple of the block "
                          "size)")
+        if r.method is not None:
+            m = r.method
+            gain = f"; output error on the calibration text {m.proxy_error / m.proxy_error_rtn:.2f}x plain " \
+                   "rounding's" if m.proxy_error_rtn > 0 else ""
+            lines.append(f"  method: {m.method} on {len(m.tensors)} tensors, {m.n_tokens} calibration tokens, "
+                         f"{m.seconds:.1f} s{gain}")
+            if m.plain:
+                lines.append(f"  {_count(len(m.plain), 'tensor')} not reached by {m.method}, rounded plainly "
+                             f"(e.g. {m.plain[0]})")
         if r.imatrix:
             lines.append(f"  importance matrix: {r.imatrix}")
             if r.unweighted:
