@@ -173,10 +173,13 @@ class _QuantizeCommand(click.Command):
 @click.option("--act-order", is_flag=True, help="GPTQ: round columns by decreasing activation (static groups).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
+@click.option("-v", "--verbose", is_flag=True, help="With --method: the output error of each layer against rtn's.")
 def quantize(model: str, output: str, types: str, imatrix_file: str | None, calib: tuple[str, ...],
              calib_chunks: int, calib_ctx: int, pure: bool, output_tensor_type: str | None,
              token_embedding_type: str | None, tensor_types: tuple[str, ...], leave_output_tensor: bool,
-             method: str, damp: float, act_order: bool, threads: int | None, device: str) -> None:
+             method: str, damp: float, act_order: bool, threads: int | None, device: str, as_json: bool,
+             verbose: bool) -> None:
     """Quantize a model to one of llama.cpp's mixes, with the same tensor types as llama-quantize.
 
     MODEL is a Hugging Face folder, 'smollm2-135m', or an F32/F16/BF16 GGUF. Without --imatrix or
@@ -188,9 +191,9 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
       llmquant quantize smollm2-135m -o quants/ --type Q4_K_M,Q6_K,IQ4_XS --calib builtin
       llmquant quantize model-f16.gguf -o out.gguf --type Q5_K_M --imatrix imatrix.gguf
       llmquant quantize ./model -o out.gguf --type Q4_K_M --tensor-type 'ffn_down=Q6_K'
-      llmquant quantize smollm2-135m -o q3.gguf --type Q3_K_M --method gptq --calib builtin
+      llmquant quantize smollm2-135m -o q4.gguf --type Q4_K_M --method awq+gptq --calib builtin
     """
-    from llmquant.pipeline.quantize import format_results, quantize_model
+    from llmquant.pipeline.quantize import format_results, quantize_model, results_json
     from llmquant.recipes.mixes import MixOptions
 
     overrides = []
@@ -213,7 +216,7 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
                                  damp=damp, act_order=act_order)
     except ValueError as exc:  # bad option values reported by the recipes
         raise click.ClickException(str(exc)) from None
-    click.echo(format_results(results))
+    click.echo(results_json(results) if as_json else format_results(results, verbose=verbose))
 
 
 _EVAL_TEXT_HELP = ("Evaluation text: plain text or JSONL with a 'text' field, or 'heldout'; repeatable. Default: "

@@ -29,6 +29,8 @@ _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
 TINY_ARCHS: dict[str, tuple[str, dict, str]] = {
     "llama": ("LlamaConfig", dict(_SMALL, tie_word_embeddings=False), "bpe-llama3"),
     "llama-spm": ("LlamaConfig", dict(_SMALL, tie_word_embeddings=False), "spm-llama"),
+    # every head its own value head: AWQ folds o_proj's scales into v_proj's rows only then
+    "llama-mha": ("LlamaConfig", dict(_SMALL, num_key_value_heads=4, tie_word_embeddings=False), "bpe-llama3"),
     "mistral": ("MistralConfig", dict(_SMALL, sliding_window=None), "spm-llama"),
     "qwen2": ("Qwen2Config", dict(_SMALL, tie_word_embeddings=True), "bpe-qwen2"),
     "qwen3": ("Qwen3Config", dict(_SMALL, head_dim=32, tie_word_embeddings=True), "bpe-qwen2"),

@@ -6,6 +6,10 @@ linear's input statistics, and a caller's ``process_layer`` sees the layer and t
 the layer's weights in place, e.g. to their quantized values). The layer is then run again, and its outputs
 become the next layer's inputs, so each layer is calibrated on what the quantized layers before it produce.
 
+Mixture-of-experts layers: transformers keeps each layer's experts fused in 3-D parameters; the runner puts in
+their place the same computation with each expert's projections as ``nn.Linear`` (``_ExpertLinears``), so each
+expert's statistics come from the tokens routed to it, and an expert that got none has no statistics at all.
+
 Peak memory is one layer, its statistics and the hidden states of the chunks, never the whole model. The
 layer's own code is transformers' (its attention, norms and rotary embeddings, exact for every architecture it
 implements); what the model's forward passes each layer (the causal mask, position embeddings) is recorded once
@@ -14,6 +18,7 @@ by running the model's own forward with every decoder layer replaced by a record
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -81,6 +86,9 @@ class LayerInputs:
 
     groups: list[tuple[str, ...]]
     statistics: list[InputStatistics]
+    # module name -> the checkpoint tensor its weight was read from, where that is not ``<layer prefix><name>.weight``
+    # (an expert's projections: ``mlp.experts.3.gate_proj`` <- ``model.layers.0.block_sparse_moe.experts.3.w1.weight``)
+    sources: dict[str, str] = field(default_factory=dict)
 
     def of(self, module_name: str) -> InputStatistics:
         for names, stats in zip(self.groups, self.statistics, strict=True):
@@ -110,8 +118,9 @@ def run_layer_by_layer(folder: Path, token_ids: torch.Tensor, process_layer: Pro
     n_chunks = token_ids.shape[0]
     bar = _progress_bar(n_layers, progress)
     for index in range(n_layers):
-        layer = _load_layer(layer_class, config, index, f"{layers_path}.{index}.", weights, device)
+        layer, sources = _load_layer(layer_class, config, index, f"{layers_path}.{index}.", weights, device)
         inputs = _gather_inputs(layer, hidden, layer_kwargs[index], batch_size, with_xtx, max_sample, n_chunks)
+        inputs.sources = sources
         process_layer(index, layer, inputs)
         del inputs
         with torch.no_grad():
@@ -250,17 +259,93 @@ def _decoder_layer_class(model: nn.Module) -> type[nn.Module]:
 
 
 def _load_layer(layer_class: type[nn.Module], config: Any, index: int, prefix: str, weights: WeightSource,
-                device: torch.device) -> nn.Module:
-    """Decoder layer ``index`` with its weights read from the model's files (only this layer's)."""
+                device: torch.device) -> tuple[nn.Module, dict[str, str]]:
+    """Decoder layer ``index`` with its weights read from the model's files (only this layer's); and, for the
+    weights not stored under their module's own name (experts), module name -> checkpoint tensor name."""
     with torch.device("meta"):
         layer = layer_class(config, layer_idx=index)
-    state = {name[len(prefix):]: weights.load(name).float() for name in weights.names() if name.startswith(prefix)}
+    expert_paths = _split_fused_experts(layer)
+    state: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    for name in weights.names():
+        if not name.startswith(prefix):
+            continue
+        key = _layer_key(name[len(prefix):], layer, expert_paths)
+        state[key] = weights.load(name).float()
+        if key != name[len(prefix):]:
+            sources[key.removesuffix(".weight")] = name
     layer = layer.to_empty(device=device)
     missing, unexpected = layer.load_state_dict(state, strict=False)
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise InputError(f"layer {index}: the weights under '{prefix}' do not fit {layer_class.__name__} ({what})")
-    return layer.eval()
+    return layer.eval(), sources
+
+
+# one expert's projection as checkpoints store it: Mixtral (w1 gate, w3 up, w2 down) and Qwen-MoE layouts
+_CHECKPOINT_EXPERT = re.compile(r"^(?P<block>block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\."
+                                r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_PROJECTION = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+class _Expert(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+
+class _ExpertLinears(nn.ModuleList):
+    """transformers' fused experts (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) computed expert by expert
+    with ``nn.Linear`` projections: the same outputs, each expert's inputs seen by its own linears' hooks."""
+
+    def __init__(self, fused: nn.Module) -> None:
+        n_experts, two_intermediate, hidden = fused.gate_up_proj.shape
+        super().__init__(_Expert(hidden, two_intermediate // 2) for _ in range(n_experts))
+        self.act_fn = fused.act_fn
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for number, expert in enumerate(self):
+            token_index, slot = torch.where(top_k_index == number)
+            if token_index.numel() == 0:
+                continue
+            x = hidden_states[token_index]
+            y = expert.down_proj(self.act_fn(expert.gate_proj(x)) * expert.up_proj(x))
+            out.index_add_(0, token_index, (y * top_k_weights[token_index, slot, None]).to(out.dtype))
+        return out
+
+
+def _split_fused_experts(layer: nn.Module) -> list[str]:
+    """Replace every fused experts module of ``layer`` by ``_ExpertLinears``; their module paths."""
+    paths = []
+    for name, module in list(layer.named_modules()):
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.ndim == 3:
+            parent_path, _, attribute = name.rpartition(".")
+            parent = layer.get_submodule(parent_path) if parent_path else layer
+            with torch.device("meta"):
+                setattr(parent, attribute, _ExpertLinears(module))
+            paths.append(name)
+    return paths
+
+
+def _layer_key(key: str, layer: nn.Module, expert_paths: list[str]) -> str:
+    """Where checkpoint key ``key`` (relative to the layer) goes in ``layer``: itself, or for a MoE layer its
+    expert's projection (``block_sparse_moe.experts.3.w1.weight`` -> ``mlp.experts.3.gate_proj.weight``) and its
+    router (``block_sparse_moe.gate.weight`` -> ``mlp.gate.weight``)."""
+    if not expert_paths:
+        return key
+    experts_path = expert_paths[0]
+    block_path = experts_path.rpartition(".")[0]
+    match = _CHECKPOINT_EXPERT.match(key)
+    if match:
+        return f"{experts_path}.{match['expert']}.{_PROJECTION.get(match['proj'], match['proj'])}.weight"
+    if key.startswith("block_sparse_moe.") and not hasattr(layer, "block_sparse_moe"):
+        return f"{block_path}.{key.removeprefix('block_sparse_moe.')}"
+    return key
 
 
 def _gather_inputs(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,

@@ -1,7 +1,7 @@
 """``--method gptq|awq|awq+gptq``: the decoder layers' linears quantized layer by layer on calibration text.
 
 The layer-by-layer runner (``calibration.layer_runner``) hands each decoder layer and its linears' input
-statistics to ``_LayerQuantizer``, which applies the method to every linear whose mix type is a block format,
+statistics to ``LayerQuantizer``, which applies the method to every linear whose mix type is a block format,
 puts the quantized weights back into the layer (so the next layer is calibrated on what the file will compute),
 and keeps each tensor's ggml bytes in GGUF row order under its GGUF name. The pipeline then writes those bytes
 in place of plain rounding; every other tensor (embeddings, output, norms the method did not change) is
@@ -11,6 +11,11 @@ AWQ divides each input channel of a group of linears by a scale s and multiplies
 the 1/s is folded into what produces the input: the RMSNorm before q/k/v and before gate/up (its weight is
 written back to the file), up_proj's rows for down_proj, v_proj's rows for o_proj when every attention head has
 its own value head (with grouped heads one v row feeds several o columns, so no single scale fits).
+
+Mixture-of-experts layers: each expert's projections get their own statistics from the tokens routed to it (the
+runner's ``_ExpertLinears``); its down_proj takes AWQ scales folded into its own up_proj rows, its gate/up none
+(the norm before them is shared by every expert). The experts' bytes are stacked as llama.cpp's ``ffn_*_exps``
+tensors; an expert that got no calibration token is rounded plainly, and the summary says which.
 """
 
 from __future__ import annotations
@@ -53,8 +58,18 @@ class MethodResult:
     n_tokens: int
     seconds: float
     plain: list[str] = field(default_factory=list)  # block-format linears the method did not reach (plain rounding)
+    idle_experts: list[str] = field(default_factory=list)  # "blk.0.ffn_up_exps.weight expert 3": no token, plain
     proxy_error: float = 0.0  # Σ over the method's tensors of tr(ΔW H ΔWᵀ), H on the calibration inputs
     proxy_error_rtn: float = 0.0  # the same for plain rounding of the same weights, for the summary
+    layer_errors: list[tuple[float, float]] = field(default_factory=list)  # per layer: (proxy_error, its rtn's)
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "calibration_tokens": self.n_tokens, "seconds": self.seconds,
+                "tensors": len(self.tensors), "output_error": self.proxy_error,
+                "output_error_rtn": self.proxy_error_rtn,
+                "layers": [{"layer": i, "output_error": e, "output_error_rtn": r}
+                           for i, (e, r) in enumerate(self.layer_errors)],
+                "plain": self.plain, "idle_experts": self.idle_experts}
 
 
 def parse_method(method: str) -> str:
@@ -73,44 +88,71 @@ def quantize_with_method(folder: Path, method: str, tensor_types: Mapping[str, s
     if method == "rtn":
         raise ValueError("quantize_with_method: rtn needs no calibration")
     start = time.perf_counter()
-    config = read_config(folder)
-    arch = find_architecture(config)
-    weights = open_weights(folder, allow_pickle=allow_pickle)
-    plans = {p.sources[0]: p for p in plan_tensors(arch, config, weights) if len(p.sources) == 1}
-    layer_quantizer = _LayerQuantizer(method, tensor_types, plans, arch.norm_offset, damp, act_order)
-    run_layer_by_layer(folder, token_ids, layer_quantizer, device=device, with_xtx="gptq" in method,
-                       progress=progress, allow_pickle=allow_pickle)
+    layer_quantizer = layer_quantizer_for(folder, method, tensor_types, damp=damp, act_order=act_order,
+                                          allow_pickle=allow_pickle)
+    run_layer_by_layer(folder, token_ids, layer_quantizer, device=device, progress=progress,
+                       allow_pickle=allow_pickle)
     reached = set(layer_quantizer.tensors)
     plain = sorted(name for name, type_name in tensor_types.items()
                    if name.startswith("blk.") and FORMATS[type_name].block_size > 1 and name not in reached
                    and name.endswith(".weight") and _is_matrix_name(name))
     return MethodResult(tensors=layer_quantizer.tensors, method=method, n_tokens=int(token_ids.numel()),
-                        seconds=time.perf_counter() - start, plain=plain,
-                        proxy_error=layer_quantizer.proxy_error, proxy_error_rtn=layer_quantizer.proxy_error_rtn)
+                        seconds=time.perf_counter() - start, plain=plain, idle_experts=layer_quantizer.idle_experts,
+                        proxy_error=layer_quantizer.proxy_error, proxy_error_rtn=layer_quantizer.proxy_error_rtn,
+                        layer_errors=layer_quantizer.layer_errors)
+
+
+def layer_quantizer_for(folder: Path, method: str, tensor_types: Mapping[str, str], *, damp: float = 0.01,
+                        act_order: bool = False, allow_pickle: bool = False) -> LayerQuantizer:
+    """The runner's ``process_layer`` for ``method`` on the model in ``folder``: what ``quantize_with_method``
+    runs, for a caller (or a test) that drives the runner itself."""
+    config = read_config(folder)
+    arch = find_architecture(config)
+    weights = open_weights(folder, allow_pickle=allow_pickle)
+    all_plans = plan_tensors(arch, config, weights)
+    plans = {p.sources[0]: p for p in all_plans if not p.n_experts}
+    expert_plans = {source: (p, e) for p in all_plans if p.n_experts for e, source in enumerate(p.sources)}
+    return LayerQuantizer(parse_method(method), tensor_types, plans, expert_plans, arch.norm_offset, damp, act_order)
 
 
 def _is_matrix_name(name: str) -> bool:
     return not name.endswith("norm.weight")
 
 
-class _LayerQuantizer:
+class LayerQuantizer:
     """The runner's ``process_layer``: the method on one decoder layer, in place."""
 
     def __init__(self, method: str, tensor_types: Mapping[str, str], plans: Mapping[str, TensorPlan],
-                 norm_offset: float, damp: float, act_order: bool) -> None:
+                 expert_plans: Mapping[str, tuple[TensorPlan, int]], norm_offset: float, damp: float,
+                 act_order: bool) -> None:
         self.method = method
         self.tensor_types = tensor_types
         self.plans = plans
+        self.expert_plans = expert_plans  # checkpoint name of one expert's weight -> (stacked plan, expert)
+        self.expert_parts: dict[str, dict[int, np.ndarray]] = {}  # stacked GGUF name -> expert -> its bytes
+        self.idle_experts: list[str] = []
         self.norm_offset = norm_offset
         self.damp = damp
         self.act_order = act_order
         self.tensors: dict[str, np.ndarray] = {}
         self.proxy_error = 0.0
         self.proxy_error_rtn = 0.0
+        self.layer_error = self.layer_error_rtn = 0.0
+        self.layer_errors: list[tuple[float, float]] = []  # per decoder layer: (the method's, plain rounding's)
         self.prefix = ""
+        self.sources: Mapping[str, str] = {}
+
+    def begin_layer(self, index: int, inputs: LayerInputs) -> None:
+        """Decoder layer ``index`` is next (its names, no errors yet)."""
+        self.prefix = self._layer_prefix(index)
+        self.sources = inputs.sources
+        self.layer_error = self.layer_error_rtn = 0.0
+        self.row_scales: dict[str, torch.Tensor] = {}  # producer -> how AWQ divided its rows (consumer's s)
 
     def __call__(self, index: int, layer: nn.Module, inputs: LayerInputs) -> None:
-        self.prefix = self._layer_prefix(index)
+        self.begin_layer(index, inputs)
+        originals = {name: layer.get_submodule(name).weight.detach().float().clone()
+                     for names in inputs.groups for name in names}
         scales: dict[str, torch.Tensor] = {}  # module name -> the AWQ scale of its input columns
         if self.method.startswith("awq"):
             for names, stats in zip(inputs.groups, inputs.statistics, strict=True):
@@ -121,7 +163,11 @@ class _LayerQuantizer:
         with torch.no_grad():
             for names, stats in zip(inputs.groups, inputs.statistics, strict=True):
                 for name in names:
-                    self._quantize_linear(layer, name, stats, scales.get(name))
+                    self._quantize_linear(layer, name, stats, scales.get(name), originals[name])
+            self._finish_experts(layer, inputs)
+        self.layer_errors.append((self.layer_error, self.layer_error_rtn))
+        self.proxy_error += self.layer_error
+        self.proxy_error_rtn += self.layer_error_rtn
 
     # -- naming -------------------------------------------------------------------------------------------------
 
@@ -132,8 +178,15 @@ class _LayerQuantizer:
                 return hf_name[: hf_name.index(marker) + len(marker)]
         raise InputError(f"layer {index}: no weight of the model names it")
 
+    def _source(self, module_name: str) -> str:
+        return self.sources.get(module_name, f"{self.prefix}{module_name}.weight")
+
     def _plan(self, module_name: str) -> TensorPlan | None:
-        return self.plans.get(f"{self.prefix}{module_name}.weight")
+        """The GGUF tensor of a module's weight (for an expert: the stacked tensor of its projection)."""
+        source = self._source(module_name)
+        if source in self.expert_plans:
+            return self.expert_plans[source][0]
+        return self.plans.get(source)
 
     def _block_type(self, module_name: str) -> str | None:
         plan = self._plan(module_name)
@@ -141,6 +194,36 @@ class _LayerQuantizer:
             return None
         type_name = self.tensor_types.get(plan.name)
         return type_name if type_name is not None and FORMATS[type_name].block_size > 1 else None
+
+    def _keep(self, module_name: str, plan: TensorPlan, data: np.ndarray) -> None:
+        """A linear's bytes under its GGUF name: in GGUF row order, or as one expert of a stacked tensor."""
+        source = self._source(module_name)
+        if source in self.expert_plans:
+            parts = self.expert_parts.setdefault(plan.name, {})
+            parts[self.expert_plans[source][1]] = np.ascontiguousarray(data).reshape(-1)
+            if len(parts) == plan.n_experts:
+                self.tensors[plan.name] = np.concatenate([parts[e] for e in range(plan.n_experts)])
+                del self.expert_parts[plan.name]
+            return
+        rows = _gguf_row_order(plan, data.shape[0])
+        self.tensors[plan.name] = np.ascontiguousarray(data[rows.numpy()]).reshape(-1)
+
+    def _finish_experts(self, layer: nn.Module, inputs: LayerInputs) -> None:
+        """Experts that got no calibration token have no statistics: rounded plainly, and named in the summary."""
+        reached = {name for names in inputs.groups for name in names}
+        for module_name, source in inputs.sources.items():
+            if source not in self.expert_plans or module_name in reached:
+                continue
+            plan, expert = self.expert_plans[source]
+            type_name = self._block_type(module_name)
+            if type_name is None:
+                continue
+            module = layer.get_submodule(module_name)
+            weight = module.weight.detach().float().cpu()
+            data = quantize(weight, type_name)
+            module.weight.copy_(torch.from_numpy(dequantize(data, type_name, tuple(weight.shape))))
+            self._keep(module_name, plan, data)
+            self.idle_experts.append(f"{plan.name} expert {expert}")
 
     # -- AWQ ----------------------------------------------------------------------------------------------------
 
@@ -153,17 +236,26 @@ class _LayerQuantizer:
         fold = self._fold_target(layer, names)
         if fold is None:
             return None
-        linears = [layer.get_submodule(name) for name in names]
-        result = awq_search_scales([m.weight.detach() for m in linears], stats.sample, types,
-                                   importance=stats.mean_squares)
+        result = awq_search_scales([layer.get_submodule(name).weight.detach() for name in names], stats.sample,
+                                   types, importance=stats.mean_squares)
         if result.alpha == 0.0:
             return None
-        s = result.scales.to(linears[0].weight.dtype)
+        self.apply_scales(layer, names, result.scales, fold)
+        return result.scales
+
+    def apply_scales(self, layer: nn.Module, names: Sequence[str], s: torch.Tensor, fold=None) -> bool:
+        """The linears ``names`` (one input) take W·diag(s) and their input's producer divides by s: the layer
+        computes the same outputs in full precision. False (nothing changed) where there is no producer to fold
+        into."""
+        fold = fold or self._fold_target(layer, names)
+        if fold is None:
+            return False
         with torch.no_grad():
-            for module in linears:
-                module.weight.mul_(s)  # W·diag(s): its input is divided by s
+            for name in names:
+                module = layer.get_submodule(name)
+                module.weight.mul_(s.to(module.weight.dtype))
             fold(s)
-        return s
+        return True
 
     def _fold_target(self, layer: nn.Module, names: Sequence[str]):
         """A function dividing the group's input by s at its producer, or None."""
@@ -173,7 +265,9 @@ class _LayerQuantizer:
             if norm is not None and getattr(norm, "weight", None) is not None:
                 return lambda s, norm=norm, norm_name=norm_name: self._fold_into_norm(norm, norm_name, s)
         rows_name = _ROWS_BEFORE.get(first)
-        if rows_name is None and first == "mlp.down_proj":
+        if rows_name is None and first.endswith(".down_proj"):  # an expert's down: its own up rows
+            rows_name = first.removesuffix("down_proj") + "up_proj"
+        if first == "mlp.down_proj" and _submodule(layer, "mlp.up_proj") is None:
             rows_name = "mlp.gate_up_proj"
         producer = _submodule(layer, rows_name) if rows_name else None
         if not isinstance(producer, nn.Linear):
@@ -193,6 +287,8 @@ class _LayerQuantizer:
             producer.weight[rows].div_(s[:, None])
             if producer.bias is not None:
                 producer.bias[rows].div_(s)
+            row_scale = self.row_scales.setdefault(rows_name, torch.ones(n_rows, device=s.device))
+            row_scale[rows] *= s
         return fold
 
     def _fold_into_norm(self, norm: nn.Module, norm_name: str, s: torch.Tensor) -> None:
@@ -211,7 +307,10 @@ class _LayerQuantizer:
 
     # -- one linear -----------------------------------------------------------------------------------------------
 
-    def _quantize_linear(self, layer: nn.Module, name: str, stats: InputStatistics, s: torch.Tensor | None) -> None:
+    def _quantize_linear(self, layer: nn.Module, name: str, stats: InputStatistics, s: torch.Tensor | None,
+                         original: torch.Tensor) -> None:
+        """Quantize one linear (its weight already W·diag(s) under AWQ); ``original`` is W before any scaling, for
+        the output error against plain rounding (llama.cpp's, with the same importance)."""
         module = layer.get_submodule(name)
         plan = self._plan(name)
         if plan is None:
@@ -220,24 +319,28 @@ class _LayerQuantizer:
         if type_name is None:
             return
         weight = module.weight.detach().float()
-        if FORMATS[type_name].block_size == 1 or tuple(plan.shape) != tuple(weight.shape):
+        if FORMATS[type_name].block_size == 1 or tuple(plan.shape[-2:]) != tuple(weight.shape):
             return  # float types are converted as they are; a reshaped tensor is left to plain rounding
         importance = stats.mean_squares if s is None else stats.mean_squares / s.square()
         if "gptq" in self.method:
             H = stats.xtx if s is None else stats.xtx / (s.double()[:, None] * s.double()[None, :])
             result = gptq_quantize(weight, H, type_name, damp=self.damp, act_order=self.act_order,
                                    importance=importance)
-            data, rounded = result.data, result.weight
-            rtn = torch.from_numpy(dequantize(quantize(weight, type_name, imatrix=importance.numpy()), type_name,
-                                              tuple(weight.shape)))
-            self.proxy_error += result.proxy_error
-            self.proxy_error_rtn += _proxy(weight, rtn, H)
+            data, rounded = np.asarray(result.data.cpu()), result.weight.float()
         else:
-            data = torch.from_numpy(quantize(weight, type_name, imatrix=importance.cpu().numpy()))
-            rounded = torch.from_numpy(dequantize(data.numpy(), type_name, tuple(weight.shape)))
+            data = quantize(weight, type_name, imatrix=importance.cpu().numpy())
+            rounded = torch.from_numpy(dequantize(data, type_name, tuple(weight.shape))).to(weight.device)
         module.weight.copy_(rounded.to(module.weight.dtype))
-        rows = _gguf_row_order(plan, weight.shape[0])
-        self.tensors[plan.name] = np.ascontiguousarray(np.asarray(data.cpu())[rows.numpy()]).reshape(-1)
+        self._keep(name, plan, data)
+        # the output error on the calibration inputs, tr(ΔW H ΔWᵀ), in the original model's coordinates: the
+        # rounded weight with AWQ's column scales and any row scales (folded from its consumer) undone
+        effective = rounded if s is None else rounded / s.float()
+        if name in self.row_scales:
+            effective = effective * self.row_scales[name][:, None]
+        plain = dequantize(quantize(original, type_name, imatrix=stats.mean_squares.cpu().numpy()), type_name,
+                           tuple(original.shape))
+        self.layer_error += _proxy(original, effective, stats.xtx)
+        self.layer_error_rtn += _proxy(original, torch.from_numpy(plain).to(original.device), stats.xtx)
 
 
 def _proxy(weight: torch.Tensor, rounded: torch.Tensor, H: torch.Tensor) -> float:

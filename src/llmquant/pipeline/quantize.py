@@ -62,6 +62,12 @@ class QuantizeResult:
     def bits_per_weight(self) -> float:
         return 8.0 * self.tensor_bytes / self.n_weights if self.n_weights else 0.0
 
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "file_type": self.file_type, "bytes": self.n_bytes,
+                "bits_per_weight": self.bits_per_weight, "tensor_types": self.type_counts, "seconds": self.seconds,
+                "imatrix": self.imatrix, "fallbacks": self.fallbacks, "unweighted": self.unweighted,
+                "method": self.method.to_json() if self.method is not None else {"method": "rtn"}}
+
 
 def supported_file_types() -> list[str]:
     """The file types ``--type`` accepts: llama.cpp's file types (``recipes.file_types``) whose default tensor type
@@ -550,7 +556,13 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def format_results(results: Sequence[QuantizeResult]) -> str:
+def results_json(results: Sequence[QuantizeResult]) -> str:
+    import json
+
+    return json.dumps([r.to_json() for r in results], indent=2)
+
+
+def format_results(results: Sequence[QuantizeResult], verbose: bool = False) -> str:
     from llmquant.pipeline.inspect import human_bytes
 
     lines = []
@@ -571,6 +583,13 @@ def format_results(results: Sequence[QuantizeResult]) -> str:
             if m.plain:
                 lines.append(f"  {_count(len(m.plain), 'tensor')} not reached by {m.method}, rounded plainly "
                              f"(e.g. {m.plain[0]})")
+            if m.idle_experts:
+                lines.append(f"  {_count(len(m.idle_experts), 'expert')} got no calibration token, rounded plainly "
+                             f"(e.g. {m.idle_experts[0]})")
+            if verbose:
+                for i, (error, error_rtn) in enumerate(m.layer_errors):
+                    ratio = f"{error / error_rtn:.3f}x plain rounding's" if error_rtn > 0 else "no error"
+                    lines.append(f"    layer {i}: output error {error:.4g}, {ratio}")
         if r.imatrix:
             lines.append(f"  importance matrix: {r.imatrix}")
             if r.unweighted:
