@@ -115,6 +115,9 @@ def test_every_method_keeps_llama_quantizes_types_and_size(tiny_llama_files):
         assert "token_embd.weight" not in changed and "output.weight" not in changed
         assert result.method.method == method and result.method.n_tokens == 4 * 128
         assert len(result.method.layer_errors) == 2 and not result.method.plain
+        # the importance vectors come from the method's own layer-by-layer pass, not a whole-model imatrix run
+        assert result.imatrix == f"gathered by {method} from builtin"
+        assert set(result.method.importance) >= {n for n in ours if n.startswith("blk.") and "norm" not in n}
 
 
 def test_gptq_beats_plain_rounding_on_the_calibration_inputs_layer_by_layer(tiny_llama_files):

@@ -59,6 +59,7 @@ class MethodResult:
     seconds: float
     plain: list[str] = field(default_factory=list)  # block-format linears the method did not reach (plain rounding)
     idle_experts: list[str] = field(default_factory=list)  # "blk.0.ffn_up_exps.weight expert 3": no token, plain
+    importance: dict[str, np.ndarray] = field(default_factory=dict)  # GGUF name -> the imatrix vector it gathered
     proxy_error: float = 0.0  # Σ over the method's tensors of tr(ΔW H ΔWᵀ), H on the calibration inputs
     proxy_error_rtn: float = 0.0  # the same for plain rounding of the same weights, for the summary
     layer_errors: list[tuple[float, float]] = field(default_factory=list)  # per layer: (proxy_error, its rtn's)
@@ -99,7 +100,7 @@ def quantize_with_method(folder: Path, method: str, tensor_types: Mapping[str, s
     return MethodResult(tensors=layer_quantizer.tensors, method=method, n_tokens=int(token_ids.numel()),
                         seconds=time.perf_counter() - start, plain=plain, idle_experts=layer_quantizer.idle_experts,
                         proxy_error=layer_quantizer.proxy_error, proxy_error_rtn=layer_quantizer.proxy_error_rtn,
-                        layer_errors=layer_quantizer.layer_errors)
+                        layer_errors=layer_quantizer.layer_errors, importance=layer_quantizer.importance)
 
 
 def layer_quantizer_for(folder: Path, method: str, tensor_types: Mapping[str, str], *, damp: float = 0.01,
@@ -130,6 +131,8 @@ class LayerQuantizer:
         self.plans = plans
         self.expert_plans = expert_plans  # checkpoint name of one expert's weight -> (stacked plan, expert)
         self.expert_parts: dict[str, dict[int, np.ndarray]] = {}  # stacked GGUF name -> expert -> its bytes
+        # GGUF name -> mean x² per input column (llama.cpp's imatrix vector), for whatever rounds a tensor plainly
+        self.importance: dict[str, np.ndarray] = {}
         self.idle_experts: list[str] = []
         self.norm_offset = norm_offset
         self.damp = damp
@@ -165,6 +168,7 @@ class LayerQuantizer:
                 for name in names:
                     self._quantize_linear(layer, name, stats, scales.get(name), originals[name])
             self._finish_experts(layer, inputs)
+        self._record_importance(inputs)
         self.layer_errors.append((self.layer_error, self.layer_error_rtn))
         self.proxy_error += self.layer_error
         self.proxy_error_rtn += self.layer_error_rtn
@@ -207,6 +211,25 @@ class LayerQuantizer:
             return
         rows = _gguf_row_order(plan, data.shape[0])
         self.tensors[plan.name] = np.ascontiguousarray(data[rows.numpy()]).reshape(-1)
+
+    def _record_importance(self, inputs: LayerInputs) -> None:
+        """Each linear's importance vector under its GGUF name; a stacked expert tensor's is its experts' vectors
+        one after another, ones for an expert that got no token (as llama.cpp's imatrix loader fills them)."""
+        by_expert: dict[str, dict[int, np.ndarray]] = {}
+        for names, stats in zip(inputs.groups, inputs.statistics, strict=True):
+            vector = stats.mean_squares.cpu().numpy()
+            for name in names:
+                source = self._source(name)
+                if source in self.expert_plans:
+                    plan, expert = self.expert_plans[source]
+                    by_expert.setdefault(plan.name, {})[expert] = vector
+                elif (plan := self.plans.get(source)) is not None:
+                    self.importance[plan.name] = vector
+        for stacked, vectors in by_expert.items():
+            n_experts = next(p.n_experts for p, _ in self.expert_plans.values() if p.name == stacked)
+            width = next(iter(vectors.values())).shape[0]
+            self.importance[stacked] = np.concatenate([vectors.get(e, np.ones(width, np.float32))
+                                                       for e in range(n_experts)])
 
     def _finish_experts(self, layer: nn.Module, inputs: LayerInputs) -> None:
         """Experts that got no calibration token have no statistics: rounded plainly, and named in the summary."""

@@ -492,7 +492,8 @@ def quantize_model(
             log(f"converting {model_path} to a temporary {outtype.upper()} GGUF")
             source_path = workdir / "source.gguf"
             convert_model(model_path, source_path, outtype=outtype, progress=progress)
-            if calib:
+            # a method gathers the importance vectors itself, layer by layer: the whole model is never in memory
+            if calib and method == "rtn":
                 from llmquant.pipeline.imatrix import run_imatrix
 
                 log(f"computing the importance matrix from {', '.join(calib)}")
@@ -516,8 +517,9 @@ def quantize_model(
                 target = output / f"{_output_stem(model, model_path)}-{ft.name}.gguf"
             else:
                 target = output
-            plan = plan_file_type(source, ft, options, has_imatrix=imatrix is not None)
+            plan = plan_file_type(source, ft, options, has_imatrix=imatrix is not None or method != "rtn")
             made = None
+            ft_imatrix, ft_imatrix_name = imatrix, imatrix_name
             if method != "rtn":
                 from llmquant.pipeline.calibrated import quantize_with_method
 
@@ -525,7 +527,9 @@ def quantize_model(
                 token_ids = _calibration_tokens(model_path, calib, calib_ctx, calib_chunks)
                 made = quantize_with_method(model_path, method, plan.types, token_ids, device=device, damp=damp,
                                             act_order=act_order, progress=progress)
-            result = quantize_gguf(source, target, ft, imatrix=imatrix, imatrix_name=imatrix_name, options=options,
+                ft_imatrix, ft_imatrix_name = made.importance, f"gathered by {method} from {', '.join(calib)}"
+            result = quantize_gguf(source, target, ft, imatrix=ft_imatrix, imatrix_name=ft_imatrix_name,
+                                   options=options,
                                    device=device, progress=progress, threads=threads,
                                    tensors=made.tensors if made else None, plan=plan)
             result.method = made
