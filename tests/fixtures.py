@@ -21,13 +21,19 @@ def build_tiny_model(arch: str, target: Path, tokenizer_from: Path, seed: int = 
 
     Cached: returns ``target`` at once if it already holds a model.
     """
+    config_cls_name, kwargs = TINY_CONFIGS[arch]
+    return build_random_model(config_cls_name, kwargs, target, tokenizer_from, seed)
+
+
+def build_random_model(config_cls_name: str, kwargs: dict, target: Path, tokenizer_from: Path, seed: int = 0) -> Path:
+    """A random model of transformers' ``config_cls_name`` with ``kwargs`` (vocabulary and special tokens from
+    ``tokenizer_from``'s tokenizer, copied along), saved as f32 safetensors; cached like ``build_tiny_model``."""
     if (target / "config.json").is_file():
         return target
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config_cls_name, kwargs = TINY_CONFIGS[arch]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
     config = getattr(transformers, config_cls_name)(
         vocab_size=len(tokenizer),

@@ -16,14 +16,6 @@ from llmquant.methods.awq import AWQResult, awq_search_scales
 ROWS, COLUMNS, TOKENS = 128, 512, 1024
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _weights(seed: int = 0, rows: int = ROWS) -> torch.Tensor:
     return 0.02 * torch.randn(rows, COLUMNS, generator=torch.Generator().manual_seed(seed))
 

@@ -23,14 +23,6 @@ BLOCK_FORMATS = sorted(name for name, fmt in FORMATS.items() if fmt.block_size >
 ROWS, COLUMNS, TOKENS = 64, 512, 1024
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _weights(seed: int = 0, dof: int = 3) -> torch.Tensor:
     """Student-t weights (``dof`` degrees of freedom: heavy tails), from a seeded generator."""
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,84 @@
+"""Time and peak memory of each --method, as a user runs it (one `llmquant quantize` process per method).
+
+    python benchmarks/bench_methods_resources.py                        # SmolLM2-135M, Q4_K_M, every method
+    python benchmarks/bench_methods_resources.py --model 1b --methods awq+gptq --calib-chunks 8
+
+``--model 1b`` is a random llama of TinyLlama-1.1B's shape (22 layers, hidden 2048, ffn 5632, 4 KV heads),
+saved once as an F32 Hugging Face folder under tests/.cache (4.4 GB of weights). Peak RSS is the process's
+(``wait4``'s ru_maxrss); its growth is over a process that only imports the same modules. The target: growth at
+most a third of the model's weight files, since the runner holds one decoder layer at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llmquant.models.demo import DEMO_MODEL_NAME, resolve_model  # noqa: E402
+from tests.fixtures import build_random_model  # noqa: E402
+
+IMPORTS = "import llmquant.cli, llmquant.pipeline.quantize, llmquant.pipeline.calibrated, transformers, torch"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEMO_MODEL_NAME, help="a Hugging Face folder, the demo model, or '1b'")
+    parser.add_argument("--type", default="Q4_K_M")
+    parser.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
+    parser.add_argument("--calib-chunks", type=int, default=32)
+    args = parser.parse_args()
+
+    if args.model == "1b":
+        folder = _random_1b(ROOT / "tests" / ".cache" / "bench-llama-1b-hf")
+    elif args.model == DEMO_MODEL_NAME:
+        folder = resolve_model(DEMO_MODEL_NAME)
+    else:
+        folder = Path(args.model)
+    model_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    base_rss, _ = _run([sys.executable, "-c", IMPORTS])
+    print(f"{folder.name}: {model_bytes / 2**30:.2f} GiB of weights; a process with the imports only: "
+          f"{base_rss / 2**20:.0f} MiB peak RSS", flush=True)
+    print("| method | seconds | peak RSS MiB | growth MiB | growth / model |")
+    print("|---|---|---|---|---|")
+    for method in args.methods.split(","):
+        with tempfile.TemporaryDirectory(prefix="bench-resources-") as scratch:
+            command = [sys.executable, "-m", "llmquant", "quantize", str(folder), "-o", f"{scratch}/out.gguf",
+                       "--type", args.type, "--calib", "builtin", "--calib-chunks", str(args.calib_chunks),
+                       "--method", method]
+            rss, seconds = _run(command)
+        growth = rss - base_rss
+        print(f"| {method} | {seconds:.1f} | {rss / 2**20:.0f} | {growth / 2**20:.0f} | {growth / model_bytes:.3f} |",
+              flush=True)
+
+
+def _run(command: list[str]) -> tuple[int, float]:
+    """Peak RSS in bytes and wall seconds of one child process (which must succeed)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr.decode(errors='replace')[-3000:]}")
+    return usage.ru_maxrss * 1024, seconds
+
+
+def _random_1b(target: Path) -> Path:
+    """A random llama of TinyLlama-1.1B's shape with the demo model's tokenizer, F32 safetensors (written once)."""
+    if not (target / "config.json").is_file():
+        print("writing the random 1.1B llama (once)...", flush=True)
+    shape = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+    return build_random_model("LlamaConfig", shape, target, resolve_model(DEMO_MODEL_NAME))
+
+
+if __name__ == "__main__":
+    main()
