@@ -59,7 +59,7 @@ def _whole_model_inputs(folder: Path, token_ids: torch.Tensor, change_layer=None
     handles = []
     for index, layer in enumerate(layers):
         for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) or type(module).__name__.endswith("Router"):  # routers: F.linear
                 handles.append(module.register_forward_pre_hook(lambda _m, args, key=(index, name): add(key, args[0])))
             elif isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
                 handles.append(module.register_forward_pre_hook(

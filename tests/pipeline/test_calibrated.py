@@ -205,3 +205,29 @@ def test_a_method_needs_calibration_text_and_a_model_folder(smollm2_f32_gguf, ti
     with pytest.raises(InputError, match="choose from"):
         quantize_model(tiny_llama_hf, tmp_path / "x.gguf", "Q4_0", calib=["builtin"], method="smoothquant")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_the_runner_gathers_the_importance_matrix_of_a_whole_model_run(arch, test_cache):
+    """Unchanged layers: the runner's importance vectors are those of llmquant imatrix (llama-imatrix's),
+    experts' included, so it can serve imatrix collection."""
+    from llmquant.calibration.chunking import chunk_text, load_tokenizer
+    from llmquant.calibration.sources import join_sources, load_text_sources
+    from llmquant.gguf_io.imatrix import importance_vectors
+    from llmquant.pipeline.imatrix import compute_imatrix, load_causal_lm, resolve_device
+
+    folder = build_tiny(arch, test_cache / f"convert-tiny-{arch}")
+    chunks = chunk_text(load_tokenizer(folder), join_sources(load_text_sources(["builtin"])), 64, 3)
+    expected = importance_vectors(compute_imatrix(load_causal_lm(folder, resolve_device("cpu")), chunks,
+                                                  ["builtin"]).data)
+    quantizer = layer_quantizer_for(folder, "gptq", _every_matrix_as(folder, "Q8_0"))
+
+    def process(index, _layer, inputs):
+        quantizer.begin_layer(index, inputs)
+        quantizer.record_importance(inputs)
+
+    run_layer_by_layer(folder, chunks.token_ids, process)
+    layer_names = {n for n in expected if n.startswith("blk.")}
+    assert layer_names and set(quantizer.importance) == layer_names
+    for name in layer_names:
+        np.testing.assert_allclose(quantizer.importance[name], expected[name], rtol=1e-4, atol=1e-7, err_msg=name)

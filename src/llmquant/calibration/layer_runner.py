@@ -352,7 +352,7 @@ def _gather_inputs(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any
                    with_xtx: bool, max_sample: int, n_chunks: int) -> LayerInputs:
     """Run the chunks through ``layer`` with a pre-hook on each linear; linears that read the same tensor in a
     forward pass (q/k/v, gate/up) share one InputStatistics."""
-    linears = [(name, module) for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+    linears = [(name, module) for name, module in layer.named_modules() if _is_linear(module)]
     groups: list[list[str]] = []
     statistics: list[InputStatistics] = []
     group_of: dict[str, int] = {}  # module name -> its group, fixed by the first batch
@@ -370,7 +370,7 @@ def _gather_inputs(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any
                     group = len(groups)
                     seen.append((x, group))
                     groups.append([])
-                    statistics.append(InputStatistics(module.in_features, with_xtx, max_sample))
+                    statistics.append(InputStatistics(module.weight.shape[1], with_xtx, max_sample))
                     leaders.add(name)
                 group_of[name] = group
                 groups[group].append(name)
@@ -388,6 +388,15 @@ def _gather_inputs(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any
         for handle in handles:
             handle.remove()
     return LayerInputs([tuple(g) for g in groups], statistics)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a MoE router (transformers' ``*Router``: a linear by ``F.linear`` on its 2-D weight,
+    llama.cpp's ffn_gate_inp, which its imatrix covers too)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return type(module).__name__.endswith("Router") and isinstance(weight, nn.Parameter) and weight.ndim == 2
 
 
 def _batches(n: int, batch_size: int) -> Iterator[tuple[int, int]]:

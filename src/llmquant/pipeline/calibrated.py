@@ -168,7 +168,7 @@ class LayerQuantizer:
                 for name in names:
                     self._quantize_linear(layer, name, stats, scales.get(name), originals[name])
             self._finish_experts(layer, inputs)
-        self._record_importance(inputs)
+        self.record_importance(inputs)
         self.layer_errors.append((self.layer_error, self.layer_error_rtn))
         self.proxy_error += self.layer_error
         self.proxy_error_rtn += self.layer_error_rtn
@@ -212,7 +212,7 @@ class LayerQuantizer:
         rows = _gguf_row_order(plan, data.shape[0])
         self.tensors[plan.name] = np.ascontiguousarray(data[rows.numpy()]).reshape(-1)
 
-    def _record_importance(self, inputs: LayerInputs) -> None:
+    def record_importance(self, inputs: LayerInputs) -> None:
         """Each linear's importance vector under its GGUF name; a stacked expert tensor's is its experts' vectors
         one after another, ones for an expert that got no token (as llama.cpp's imatrix loader fills them)."""
         by_expert: dict[str, dict[int, np.ndarray]] = {}
