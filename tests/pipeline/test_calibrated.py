@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from llmquant.calibration.layer_runner import run_layer_by_layer
+from llmquant.formats import FORMATS
 from llmquant.models.architectures import find_architecture, plan_tensors
 from llmquant.models.config import read_config
 from llmquant.models.safetensors_io import open_weights
 from llmquant.pipeline.calibrated import layer_quantizer_for, quantize_with_method
-from llmquant.pipeline.quantize import quantize_model
+from llmquant.pipeline.quantize import quantize_model, supported_file_types
 from tests.models.llama_cpp_run import llama_cpp_logits, load_llama_cpp
 from tests.models.tiny_models import build_tiny
 from tests.pipeline.test_quantize import tensors_of
@@ -231,3 +232,15 @@ def test_the_runner_gathers_the_importance_matrix_of_a_whole_model_run(arch, tes
     assert layer_names and set(quantizer.importance) == layer_names
     for name in layer_names:
         np.testing.assert_allclose(quantizer.importance[name], expected[name], rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("file_type", supported_file_types())
+def test_every_file_type_works_with_a_method_at_llama_quantizes_size(file_type, tiny_llama_hf, tmp_path):
+    options = dict(calib=["builtin"], calib_chunks=1, calib_ctx=64)
+    rtn = quantize_model(tiny_llama_hf, tmp_path / "rtn.gguf", file_type, **options)[0]
+    ours = quantize_model(tiny_llama_hf, tmp_path / "ours.gguf", file_type, method="awq+gptq", **options)[0]
+    assert ours.n_bytes == rtn.n_bytes and ours.type_counts == rtn.type_counts
+    block_types = [t for t in ours.type_counts if FORMATS[t].block_size > 1]
+    assert bool(ours.method.tensors) == bool(block_types)
+    logits = llama_cpp_logits(load_llama_cpp(ours.path, n_ctx=64), list(range(5, 20)))
+    assert np.isfinite(logits).all()
