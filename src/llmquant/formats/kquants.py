@@ -26,6 +26,7 @@ from llmquant.formats.search import (
     f32,
     fp16_bits,
     fp16_value,
+    i64,
     kernel,
     make_q3_quants,
     make_qkx2_quants,
@@ -223,11 +224,11 @@ def _q2_k_search(x, importance, has_importance, super_scale_bits, super_min_bits
             for i in range(QK_K):
                 weights[b, i] = abs(block[i])
     if has_importance:
-        make_qkx2_quants(x, weights, 16, levels, scales, mins, max_level=3,
-                         rmin=f32(-0.9), rdelta=f32(0.05), n_steps=36, use_mad=False)
+        make_qkx2_quants(x, weights, i64(16), levels, scales, mins, max_level=i64(3),
+                         rmin=f32(-0.9), rdelta=f32(0.05), n_steps=i64(36), use_mad=np.bool_(False))
     else:
-        make_qkx2_quants(x, weights, 16, levels, scales, mins, max_level=3,
-                         rmin=f32(-0.5), rdelta=f32(0.1), n_steps=15, use_mad=True)
+        make_qkx2_quants(x, weights, i64(16), levels, scales, mins, max_level=i64(3),
+                         rmin=f32(-0.5), rdelta=f32(0.1), n_steps=i64(15), use_mad=np.bool_(True))
     scale_levels = np.empty(16, dtype=np.uint8)
     min_levels = np.empty(16, dtype=np.uint8)
     packed = np.empty(16, dtype=np.int64)  # y[i].scales: the scale nibble | the min nibble << 4
@@ -235,8 +236,8 @@ def _q2_k_search(x, importance, has_importance, super_scale_bits, super_min_bits
         block = x[b]
         block_levels = levels[b]
         if has_importance:
-            d_block = make_qp_quants(scales[b], sub_weight[b], scale_levels, max_level=15)
-            m_block = make_qp_quants(mins[b], sub_weight[b], min_levels, max_level=15)
+            d_block = make_qp_quants(scales[b], sub_weight[b], scale_levels, max_level=i64(15))
+            m_block = make_qp_quants(mins[b], sub_weight[b], min_levels, max_level=i64(15))
             super_scale_bits[b] = fp16_bits(d_block)
             super_min_bits[b] = fp16_bits(m_block)
             for j in range(16):
@@ -268,7 +269,7 @@ def _q2_k_search(x, importance, has_importance, super_scale_bits, super_min_bits
         for j in range(16):
             sub_scales[b, j] = packed[j] & 0xF
             sub_mins[b, j] = packed[j] >> 4
-        _requantize_affine(block, block_levels, 16, 3, super_scale_bits[b], super_min_bits[b],
+        _requantize_affine(block, block_levels, i64(16), i64(3), super_scale_bits[b], super_min_bits[b],
                            sub_scales[b], sub_mins[b])
 
 
@@ -303,17 +304,17 @@ def _k4_search(x, importance, has_importance, max_level, rmin, rdelta, n_steps, 
                 for i in range(32 * j, 32 * j + 32):
                     weights[b, i] = av_x + abs(block[i])
     if has_importance:
-        make_qkx2_quants(x, weights, 32, levels, scales, mins, max_level=max_level,
-                         rmin=f32(-0.9), rdelta=f32(0.05), n_steps=36, use_mad=False)
+        make_qkx2_quants(x, weights, i64(32), levels, scales, mins, max_level=i64(max_level),
+                         rmin=f32(-0.9), rdelta=f32(0.05), n_steps=i64(36), use_mad=np.bool_(False))
     else:
-        make_qkx2_quants(x, weights, 32, levels, scales, mins, max_level=max_level,
-                         rmin=rmin, rdelta=rdelta, n_steps=n_steps, use_mad=False)
+        make_qkx2_quants(x, weights, i64(32), levels, scales, mins, max_level=i64(max_level),
+                         rmin=rmin, rdelta=rdelta, n_steps=i64(n_steps), use_mad=np.bool_(False))
     scale_levels = np.empty(8, dtype=np.uint8)
     min_levels = np.empty(8, dtype=np.uint8)
     for b in range(n_blocks):
         if has_importance:
-            d_block = make_qp_quants(scales[b], sub_weight[b], scale_levels, max_level=63)
-            m_block = make_qp_quants(mins[b], sub_weight[b], min_levels, max_level=63)
+            d_block = make_qp_quants(scales[b], sub_weight[b], scale_levels, max_level=i64(63))
+            m_block = make_qp_quants(mins[b], sub_weight[b], min_levels, max_level=i64(63))
             for j in range(8):
                 # Q4_K's impl stores them as they are: make_qp_quants caps them at 63 (or wraps a negative one,
                 # which no scale + min fit gives); 6 bits are kept either way
@@ -337,7 +338,7 @@ def _k4_search(x, importance, has_importance, max_level, rmin, rdelta, n_steps, 
                 sub_mins[b, j] = min(63, nearest_int(inv_min * mins[b, j]) & 0xFF)
             super_scale_bits[b] = fp16_bits(max_scale / f32(63.0))
             super_min_bits[b] = fp16_bits(max_min / f32(63.0))
-        _requantize_affine(x[b], levels[b], 32, max_level, super_scale_bits[b], super_min_bits[b],
+        _requantize_affine(x[b], levels[b], i64(32), i64(max_level), super_scale_bits[b], super_min_bits[b],
                            sub_scales[b], sub_mins[b])
 
 
@@ -495,8 +496,8 @@ def _q3_k_search(x, importance, has_importance, super_scale_bits, sub_scales, le
                     sum_w += weights[i]
                 sub_weight[j] = sum_w
                 scales[j] = make_qx_quants(block[16 * j:16 * j + 16], weights, block_levels[16 * j:16 * j + 16],
-                                           max_level=4)
-            d_block = make_qx_quants(scales, sub_weight, scale_levels, max_level=32)
+                                           max_level=i64(4))
+            d_block = make_qx_quants(scales, sub_weight, scale_levels, max_level=i64(32))
             for j in range(16):
                 sub_scales[b, j] = scale_levels[j]
             super_scale_bits[b] = fp16_bits(d_block)
@@ -505,7 +506,7 @@ def _q3_k_search(x, importance, has_importance, super_scale_bits, sub_scales, le
             max_scale = f32(0.0)
             for j in range(16):
                 scales[j] = make_q3_quants(block[16 * j:16 * j + 16], block_levels[16 * j:16 * j + 16],
-                                           max_level=4)
+                                           max_level=i64(4))
                 if abs(scales[j]) > amax:
                     amax = abs(scales[j])
                     max_scale = scales[j]
@@ -521,7 +522,7 @@ def _q3_k_search(x, importance, has_importance, super_scale_bits, sub_scales, le
                 super_scale_bits[b] = fp16_bits(f32(0.0))
         for j in range(16):
             sub_scale_values[j] = np.int64(sub_scales[b, j]) - 32
-        _requantize_symmetric(block, block_levels, 4, super_scale_bits[b], sub_scale_values)
+        _requantize_symmetric(block, block_levels, i64(4), super_scale_bits[b], sub_scale_values)
         for i in range(QK_K):
             levels[b, i] = block_levels[i]
 
@@ -544,7 +545,7 @@ def _q6_k_search(x, importance, has_importance, super_scale_bits, sub_scales, le
                 v = block[16 * j + i]
                 weights[i] = importance[b, 16 * j + i] if has_importance else v * v
             scales[j] = make_qx_quants(block[16 * j:16 * j + 16], weights, block_levels[16 * j:16 * j + 16],
-                                       max_level=32)
+                                       max_level=i64(32))
             if abs(scales[j]) > max_abs_scale:
                 max_abs_scale = abs(scales[j])
                 max_scale = scales[j]
@@ -561,7 +562,7 @@ def _q6_k_search(x, importance, has_importance, super_scale_bits, sub_scales, le
             level = ((min(127, nearest_int(iscale * scales[j])) + 128) & 0xFF) - 128  # int8_t y[i].scales[j]
             sub_scales[b, j] = level
             sub_scale_values[j] = level
-        _requantize_symmetric(block, block_levels, 32, super_scale_bits[b], sub_scale_values)
+        _requantize_symmetric(block, block_levels, i64(32), super_scale_bits[b], sub_scale_values)
         for i in range(QK_K):
             levels[b, i] = block_levels[i]
 

@@ -17,6 +17,7 @@ from llmquant.formats.search import (
     f32,
     first_largest_magnitude,
     fp16_bits,
+    i64,
     kernel,
     make_qkx2_quants,
     make_qx_quants,
@@ -118,7 +119,7 @@ def _symmetric_search(x, importance, has_importance, row_sigma2, mid, scale_bits
         if has_importance:
             for j in range(QK):
                 weights[j] = importance[b, j] * np.sqrt(row_sigma2[b] + block[j] * block[j])
-            scale_bits[b] = fp16_bits(make_qx_quants(block, weights, levels[b], max_level=mid))
+            scale_bits[b] = fp16_bits(make_qx_quants(block, weights, levels[b], max_level=i64(mid)))
             continue
         _, signed_max = first_largest_magnitude(block)
         d = signed_max / f32(-mid)
@@ -235,8 +236,8 @@ def _affine_search(x, importance, has_importance, row_sigma2, max_level, capped,
                 weights[b, j] = importance[b, j] * np.sqrt(row_sigma2[b] + x[b, j] * x[b, j])
         scales = np.empty((x.shape[0], 1), dtype=np.float32)
         mins = np.empty((x.shape[0], 1), dtype=np.float32)
-        make_qkx2_quants(x, weights, QK, levels, scales, mins, max_level=max_level,
-                         rmin=f32(-0.9), rdelta=f32(0.05), n_steps=36, use_mad=False)
+        make_qkx2_quants(x, weights, i64(QK), levels, scales, mins, max_level=i64(max_level),
+                         rmin=f32(-0.9), rdelta=f32(0.05), n_steps=i64(36), use_mad=np.bool_(False))
         for b in range(x.shape[0]):
             scale_bits[b] = fp16_bits(scales[b, 0])
             min_bits[b] = fp16_bits(-mins[b, 0])

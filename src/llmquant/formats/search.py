@@ -29,6 +29,9 @@ from numba.extending import intrinsic
 kernel = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 f32 = np.float32
+# a constant passed on to a kernel as i64(16) is typed int64, not Literal[int](16): numba compiles a kernel once
+# for each distinct literal it is called with, so constants at call sites would multiply the first-use compile
+i64 = np.int64
 GROUP_MAX_EPS = f32(1e-15)  # ggml: below this a group counts as all zero
 _MAGIC = f32(12582912.0)  # 1.5 * 2**23: adding it leaves the rounded integer in the low mantissa bits
 
