@@ -234,11 +234,20 @@ def test_the_runner_gathers_the_importance_matrix_of_a_whole_model_run(arch, tes
         np.testing.assert_allclose(quantizer.importance[name], expected[name], rtol=1e-4, atol=1e-7, err_msg=name)
 
 
-@pytest.mark.parametrize("file_type", supported_file_types())
-def test_every_file_type_works_with_a_method_at_llama_quantizes_size(file_type, tiny_llama_hf, tmp_path):
+@pytest.fixture(scope="module")
+def every_file_type(tiny_llama_hf, tmp_path_factory):
+    """Every file type we offer, by rtn and by awq+gptq (one call each: one conversion serves all types)."""
+    out = tmp_path_factory.mktemp("every-type")
     options = dict(calib=["builtin"], calib_chunks=1, calib_ctx=64)
-    rtn = quantize_model(tiny_llama_hf, tmp_path / "rtn.gguf", file_type, **options)[0]
-    ours = quantize_model(tiny_llama_hf, tmp_path / "ours.gguf", file_type, method="awq+gptq", **options)[0]
+    types = supported_file_types()
+    rtn = quantize_model(tiny_llama_hf, out / "rtn", types, **options)
+    ours = quantize_model(tiny_llama_hf, out / "ours", types, method="awq+gptq", **options)
+    return {r.file_type: (r, o) for r, o in zip(rtn, ours, strict=True)}
+
+
+@pytest.mark.parametrize("file_type", supported_file_types())
+def test_every_file_type_works_with_a_method_at_llama_quantizes_size(file_type, every_file_type):
+    rtn, ours = every_file_type[file_type]
     assert ours.n_bytes == rtn.n_bytes and ours.type_counts == rtn.type_counts
     block_types = [t for t in ours.type_counts if FORMATS[t].block_size > 1]
     assert bool(ours.method.tensors) == bool(block_types)
