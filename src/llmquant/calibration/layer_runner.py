@@ -18,7 +18,6 @@ by running the model's own forward with every decoder layer replaced by a record
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from llmquant.errors import InputError
+from llmquant.models.architectures import EXPERT_WEIGHT
 from llmquant.models.safetensors_io import WeightSource, open_weights
 
 
@@ -270,7 +270,7 @@ def _load_layer(layer_class: type[nn.Module], config: Any, index: int, prefix: s
     for name in weights.names():
         if not name.startswith(prefix):
             continue
-        key = _layer_key(name[len(prefix):], layer, expert_paths)
+        key = _layer_key(name, name[len(prefix):], layer, expert_paths)
         state[key] = weights.load(name).float()
         if key != name[len(prefix):]:
             sources[key.removesuffix(".weight")] = name
@@ -282,9 +282,7 @@ def _load_layer(layer_class: type[nn.Module], config: Any, index: int, prefix: s
     return layer.eval(), sources
 
 
-# one expert's projection as checkpoints store it: Mixtral (w1 gate, w3 up, w2 down) and Qwen-MoE layouts
-_CHECKPOINT_EXPERT = re.compile(r"^(?P<block>block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\."
-                                r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+# Mixtral's names for an expert's projections (Qwen-MoE uses the module names themselves)
 _PROJECTION = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
@@ -332,17 +330,17 @@ def _split_fused_experts(layer: nn.Module) -> list[str]:
     return paths
 
 
-def _layer_key(key: str, layer: nn.Module, expert_paths: list[str]) -> str:
-    """Where checkpoint key ``key`` (relative to the layer) goes in ``layer``: itself, or for a MoE layer its
-    expert's projection (``block_sparse_moe.experts.3.w1.weight`` -> ``mlp.experts.3.gate_proj.weight``) and its
-    router (``block_sparse_moe.gate.weight`` -> ``mlp.gate.weight``)."""
+def _layer_key(name: str, key: str, layer: nn.Module, expert_paths: list[str]) -> str:
+    """Where checkpoint tensor ``name`` (``key`` relative to the layer) goes in ``layer``: ``key`` itself, or for
+    a MoE layer its expert's projection (``block_sparse_moe.experts.3.w1.weight`` ->
+    ``mlp.experts.3.gate_proj.weight``) and its router (``block_sparse_moe.gate.weight`` -> ``mlp.gate.weight``)."""
     if not expert_paths:
         return key
     experts_path = expert_paths[0]
     block_path = experts_path.rpartition(".")[0]
-    match = _CHECKPOINT_EXPERT.match(key)
+    match = EXPERT_WEIGHT.match(name)  # the converter's own pattern for an expert's checkpoint tensor
     if match:
-        return f"{experts_path}.{match['expert']}.{_PROJECTION.get(match['proj'], match['proj'])}.weight"
+        return f"{experts_path}.{match['xid']}.{_PROJECTION.get(match['proj'], match['proj'])}.weight"
     if key.startswith("block_sparse_moe.") and not hasattr(layer, "block_sparse_moe"):
         return f"{block_path}.{key.removeprefix('block_sparse_moe.')}"
     return key

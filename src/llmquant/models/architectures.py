@@ -23,7 +23,7 @@ from llmquant.models.safetensors_io import WeightSource
 # HF buffers that are not weights (llama.cpp's converter drops the same)
 _NOT_WEIGHTS = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
 # one expert's matrix in Mixtral (block_sparse_moe.experts.N.w1) and Qwen-MoE (mlp.experts.N.gate_proj) layouts
-_EXPERT = re.compile(r"^(?P<prefix>.*\.layers\.(?P<bid>\d+)\.(?:block_sparse_moe|mlp)\.experts)\.(?P<xid>\d+)\."
+EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.*\.layers\.(?P<bid>\d+)\.(?:block_sparse_moe|mlp)\.experts)\.(?P<xid>\d+)\."
                      r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -272,7 +272,7 @@ def plan_tensors(arch: Architecture, config: ModelConfig, weights: WeightSource,
         if bid is not None and bid >= n_layers:
             raise InputError(f"tensor '{hf_name}' belongs to layer {bid}, but {config_file} says "
                              f"num_hidden_layers={n_layers}")
-        if (match := _EXPERT.match(hf_name)) is not None and arch.moe:
+        if (match := EXPERT_WEIGHT.match(hf_name)) is not None and arch.moe:
             key = (match["prefix"], int(match["bid"]), match["proj"])
             experts.setdefault(key, {})[int(match["xid"])] = hf_name
             if key not in expert_slots:  # a placeholder keeps the file order; filled in below
