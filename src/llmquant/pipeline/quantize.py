@@ -511,6 +511,8 @@ def quantize_model(
         if src_types - set(SOURCE_TYPES):
             raise InputError(f"{source_path}: holds {sorted(src_types - set(SOURCE_TYPES))} tensors; "
                              "give an F32, F16 or BF16 model")
+        # the calibration chunks, tokenized once for every file type's method run
+        token_ids = _calibration_tokens(model_path, calib, calib_ctx, calib_chunks) if method != "rtn" else None
         results = []
         for ft in file_types:
             if len(file_types) > 1:
@@ -524,7 +526,6 @@ def quantize_model(
                 from llmquant.pipeline.calibrated import quantize_with_method
 
                 log(f"{ft.name}: {method} on {', '.join(calib)}, layer by layer")
-                token_ids = _calibration_tokens(model_path, calib, calib_ctx, calib_chunks)
                 made = quantize_with_method(model_path, method, plan.types, token_ids, device=device, damp=damp,
                                             act_order=act_order, progress=progress)
                 ft_imatrix, ft_imatrix_name = made.importance, f"gathered by {method} from {', '.join(calib)}"
