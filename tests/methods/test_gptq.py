@@ -13,9 +13,10 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from llmquant.calibration.layer_runner import InputStatistics
 from llmquant.formats import FORMATS, Grid, dequantize, quantize
 from llmquant.formats.base import row_mean_square
-from llmquant.methods import HessianAccumulator, gptq_quantize, hessian
+from llmquant.methods import gptq_quantize, hessian
 from llmquant.methods.gptq import _lazy_batch
 
 BLOCK_FORMATS = sorted(name for name, fmt in FORMATS.items() if fmt.block_size > 1)
@@ -224,14 +225,14 @@ def test_lazy_batch_size_does_not_change_the_result_much(case, block_columns):
     assert other.proxy_error == pytest.approx(default.proxy_error, rel=0.02)
 
 
-def test_accumulator_sums_batches_as_one_hessian(case):
+def test_the_runners_statistics_sum_batches_as_one_hessian(case):
     _, x, H = case
-    acc = HessianAccumulator(COLUMNS)
+    stats = InputStatistics(COLUMNS, with_xtx=True, max_sample=0)
     for chunk in x.split(100):
-        acc.add(chunk)
-    assert acc.n_tokens == TOKENS
-    assert torch.allclose(acc.hessian, H, rtol=1e-12, atol=1e-9)
-    assert torch.allclose(acc.mean.diagonal(), x.double().square().mean(0), rtol=1e-12)
+        stats.add(chunk, sample_every=1)
+    assert stats.n_tokens == TOKENS
+    assert torch.allclose(stats.xtx, H, rtol=1e-12, atol=1e-9)
+    assert torch.allclose((stats.xtx / stats.n_tokens).diagonal(), x.double().square().mean(0), rtol=1e-12)
 
 
 def test_gptq_rejects_a_hessian_of_the_wrong_size(case):

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from llmquant.formats import dequantize, get_format, quantize
+from llmquant.methods.error import output_error
 
 # dead channels (mean |x| = 0) are treated as this fraction of the strongest one, so s stays finite and its
 # range at most this ratio to the power α
@@ -108,8 +109,7 @@ def _scaled_rounding_error(originals: list[torch.Tensor], type_names: list[str],
         scaled = weight * scales
         data = quantize(scaled, type_name, imatrix=scaled_importance)
         rounded = dequantize(torch.from_numpy(data).to(weight.device), type_name, tuple(weight.shape))
-        delta = (rounded / scales - weight).to(torch.float64)
-        total += float(((delta @ H) * delta).sum())
+        total += output_error(weight, rounded / scales, H)
     return total
 
 

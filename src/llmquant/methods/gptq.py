@@ -11,9 +11,9 @@ from the weights *as updated so far*, weighted by an importance vector as llama.
 block's columns are then rounded one by one under those fixed parameters. The result is packed into ggml's bytes,
 so llama.cpp reads it like any other tensor of that type.
 
-    acc = HessianAccumulator(in_features)
-    for x in batches: acc.add(x)                      # x: [n_tokens, in_features] inputs of the layer
-    result = gptq_quantize(weight, acc.hessian, "Q4_K")
+    H = hessian(x)                    # x: [n_tokens, in_features] inputs of the layer; the layer-by-layer
+                                      # runner sums XᵀX over batches (calibration.layer_runner.InputStatistics)
+    result = gptq_quantize(weight, H, "Q4_K")
     result.data      # uint8 [out, row_bytes], laid out as llmquant.formats.quantize(weight, "Q4_K")
     result.weight    # float32 [out, in]: exactly what the bytes dequantize to
 """
@@ -28,6 +28,7 @@ import torch
 from llmquant.errors import LlmquantError
 from llmquant.formats import get_format
 from llmquant.formats.base import BlockFormat, Grid, row_mean_square
+from llmquant.methods.error import output_error
 
 # ---- the Hessian H = XᵀX ----
 
@@ -39,34 +40,6 @@ def hessian(x: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Ten
     from it, so a sum exact to float32's last digits costs nothing later."""
     x = x.detach().reshape(-1, x.shape[-1]).to(dtype)
     return x.T @ x
-
-
-class HessianAccumulator:
-    """H = Σ XᵀX over batches of a layer's inputs, as the runner feeds them, with the token count.
-
-    ``hessian`` is the sum (what ``gptq_quantize`` takes; GPTQ's rounding does not depend on H's scale);
-    ``mean`` is H / n_tokens, whose diagonal is llama.cpp's imatrix (mean squared activation per column)."""
-
-    def __init__(self, in_features: int, *, dtype: torch.dtype = torch.float64,
-                 device: torch.device | str | None = None) -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
-        self.n_tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch ``[..., in_features]`` (every leading dimension is tokens)."""
-        if x.shape[-1] != self.sum.shape[0]:
-            raise ValueError(f"GPTQ Hessian: inputs have {x.shape[-1]} features, the accumulator {self.sum.shape[0]}")
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.device, self.sum.dtype)
-        self.sum.addmm_(x.T, x)
-        self.n_tokens += x.shape[0]
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        return self.sum
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.sum / max(self.n_tokens, 1)
 
 
 # ---- GPTQ ----
@@ -145,9 +118,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, type_name: str, *, damp
         params, Q, levels = sweep.params, sweep.quantized, sweep.levels
 
     data = fmt.pack(levels.reshape(-1, fmt.block_size), params).reshape(out_features, -1)
-    delta = (original - Q).to(torch.float64)
-    proxy_error = float(((delta @ H) * delta).sum())
-    return GPTQResult(data=data, weight=Q, proxy_error=proxy_error)
+    return GPTQResult(data=data, weight=Q, proxy_error=output_error(original, Q, H))
 
 
 def _lazy_batch(block_columns: int, block_size: int) -> int:

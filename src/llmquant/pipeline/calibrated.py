@@ -32,7 +32,7 @@ from torch import nn
 from llmquant.calibration.layer_runner import InputStatistics, LayerInputs, run_layer_by_layer
 from llmquant.errors import InputError
 from llmquant.formats import FORMATS, dequantize, quantize
-from llmquant.methods import awq_search_scales, gptq_quantize
+from llmquant.methods import awq_search_scales, gptq_quantize, output_error
 from llmquant.models.architectures import TensorPlan, find_architecture, plan_tensors
 from llmquant.models.config import read_config
 from llmquant.models.safetensors_io import open_weights
@@ -362,13 +362,8 @@ class LayerQuantizer:
             effective = effective * self.row_scales[name][:, None]
         plain = dequantize(quantize(original, type_name, imatrix=stats.mean_squares.cpu().numpy()), type_name,
                            tuple(original.shape))
-        self.layer_error += _proxy(original, effective, stats.xtx)
-        self.layer_error_rtn += _proxy(original, torch.from_numpy(plain).to(original.device), stats.xtx)
-
-
-def _proxy(weight: torch.Tensor, rounded: torch.Tensor, H: torch.Tensor) -> float:
-    delta = (weight - rounded).double()
-    return float(((delta @ H) * delta).sum())
+        self.layer_error += output_error(original, effective, stats.xtx)
+        self.layer_error_rtn += output_error(original, torch.from_numpy(plain).to(original.device), stats.xtx)
 
 
 def _gguf_row_order(plan: TensorPlan, n_rows: int) -> torch.Tensor:
