@@ -95,8 +95,7 @@ class Q8_0(BlockFormat):
         return Grid(per_weight(scale, QK), None, level_values(-128, 256, scale.device))
 
     def pack(self, levels: torch.Tensor, params: ScaleParams) -> torch.Tensor:
-        # level index q + 128 → the int8 q's byte
-        return torch.cat([fp16_bytes(params.scale), levels.to(torch.uint8) ^ 0x80], dim=1)
+        return pack_blocks(levels, params, self.bytes_per_block, fifth_bits=False, level_bits=8)
 
     def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, ScaleParams]:
         return data[:, 2:] ^ 0x80, ScaleParams(fp16_from_bytes(data[:, :2]))
@@ -135,24 +134,49 @@ def _symmetric_search(x, importance, has_importance, row_sigma2, mid, scale_bits
             levels[b, j] = min(2 * mid - 1, level) & 0xFF
 
 
-def nibbles(levels: torch.Tensor) -> torch.Tensor:
-    """ggml's qs of a 32-weight block ``[n, 32]`` → ``[n, 16]``: byte j holds level j low and level j+16 high
-    (ORed as ggml does, so bytes outside a nibble pass through as they do there). Each half of the block is read
-    as two int64 words: shifting a word's low nibbles by 4 moves each up within its byte, as C's uint8 ``<< 4``."""
-    words = levels.to(torch.uint8).contiguous().view(torch.int64)  # [n, 4]: levels 0-15, then 16-31
-    return (words[:, :2] | ((words[:, 2:] & 0x0F0F0F0F0F0F0F0F) << 4)).view(torch.uint8)
-
-
 def from_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0xF, qs >> 4], dim=1)
 
 
-def fifth_bits(levels: torch.Tensor) -> torch.Tensor:
-    """The 5-bit types' qh ``[n, 4]``: bit j of the little-endian uint32 is bit 4 of level j. Each run of 8 levels
-    is read as one int64; multiplying by 0x0102040810204080 gathers one bit of each byte into the top byte."""
-    eights = levels.to(torch.uint8).contiguous().view(torch.int64)  # [n, 4]
-    bits = (eights >> 4) & 0x0101010101010101
-    return (((bits * 0x0102040810204080) >> 56) & 0xFF).to(torch.uint8)
+@kernel
+def _pack_legacy(fp16_params, levels, fifth_bits, level_bits, out):
+    """ggml's block layout: the fp16 parameters' bytes (d, then m for the _1 types), then for 5-bit levels the
+    32-bit qh (bit j = bit 4 of level j), then qs: the int8 levels (index ^ 0x80) for Q8_0, else 16 bytes with
+    level j in the low nibble and level j+16 in the high one. Levels are bytes (C's uint8 casts), and the low
+    nibble is ORed unmasked as ggml does for the 4-bit types, so a byte outside the grid passes through there."""
+    n_params = fp16_params.shape[1]
+    for b in range(levels.shape[0]):
+        at = 0
+        for p in range(n_params):
+            out[b, at] = fp16_params[b, p] & 0xFF
+            out[b, at + 1] = fp16_params[b, p] >> 8
+            at += 2
+        if level_bits == 8:
+            for j in range(QK):
+                out[b, at + j] = levels[b, j] ^ 0x80
+            continue
+        if fifth_bits:
+            for k in range(4):
+                byte = 0
+                for j in range(8):
+                    byte |= ((levels[b, 8 * k + j] >> 4) & 1) << j
+                out[b, at + k] = byte
+            at += 4
+        low_mask = 0x0F if fifth_bits else 0xFF
+        for j in range(QK // 2):
+            out[b, at + j] = (levels[b, j] & low_mask) | ((levels[b, j + QK // 2] << 4) & 0xFF)
+
+
+def pack_blocks(levels: torch.Tensor, params: NamedTuple, bytes_per_block: int, fifth_bits: bool,
+                level_bits: int) -> torch.Tensor:
+    """A legacy block's bytes from level indices ``[n, 32]`` and its fp16 parameters, on the levels' device (the
+    packing runs on the CPU: one pass, as ggml writes the block)."""
+    fp16_params = np.ascontiguousarray(np.stack(
+        [p.detach().to("cpu", torch.float16).numpy().view(np.uint16) for p in params], axis=1))
+    codes = np.ascontiguousarray(levels.detach().to("cpu", torch.uint8).numpy())
+    out = np.empty((codes.shape[0], bytes_per_block), dtype=np.uint8)
+    _pack_legacy(fp16_params, codes, fifth_bits, level_bits, out)
+    return torch.from_numpy(out).to(levels.device)
 
 
 def from_fifth_bits(qh: torch.Tensor) -> torch.Tensor:
@@ -191,7 +215,7 @@ class Q4_0(_Symmetric):
     mid = 8
 
     def pack(self, levels: torch.Tensor, params: ScaleParams) -> torch.Tensor:
-        return torch.cat([fp16_bytes(params.scale), nibbles(levels)], dim=1)
+        return pack_blocks(levels, params, self.bytes_per_block, fifth_bits=False, level_bits=4)
 
     def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, ScaleParams]:
         return from_nibbles(data[:, 2:]), ScaleParams(fp16_from_bytes(data[:, :2]))
@@ -205,7 +229,7 @@ class Q5_0(_Symmetric):
     mid = 16
 
     def pack(self, levels: torch.Tensor, params: ScaleParams) -> torch.Tensor:
-        return torch.cat([fp16_bytes(params.scale), fifth_bits(levels), nibbles(levels & 0xF)], dim=1)
+        return pack_blocks(levels, params, self.bytes_per_block, fifth_bits=True, level_bits=4)
 
     def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, ScaleParams]:
         levels = from_nibbles(data[:, 6:]) | from_fifth_bits(data[:, 2:6])
@@ -299,7 +323,7 @@ class Q4_1(_Affine):
     max_level = 15
 
     def pack(self, levels: torch.Tensor, params: ScaleMinParams) -> torch.Tensor:
-        return torch.cat([fp16_bytes(params.scale), fp16_bytes(params.min), nibbles(levels)], dim=1)
+        return pack_blocks(levels, params, self.bytes_per_block, fifth_bits=False, level_bits=4)
 
     def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, ScaleMinParams]:
         return from_nibbles(data[:, 4:]), ScaleMinParams(fp16_from_bytes(data[:, :2]), fp16_from_bytes(data[:, 2:4]))
@@ -313,8 +337,7 @@ class Q5_1(_Affine):
     max_level = 31
 
     def pack(self, levels: torch.Tensor, params: ScaleMinParams) -> torch.Tensor:
-        return torch.cat([fp16_bytes(params.scale), fp16_bytes(params.min), fifth_bits(levels),
-                          nibbles(levels & 0xF)], dim=1)
+        return pack_blocks(levels, params, self.bytes_per_block, fifth_bits=True, level_bits=4)
 
     def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, ScaleMinParams]:
         levels = from_nibbles(data[:, 8:]) | from_fifth_bits(data[:, 4:8])
