@@ -21,7 +21,7 @@ tensors; an expert that got no calibration token is rounded plainly, and the sum
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +53,7 @@ _ROWS_BEFORE = {"mlp.down_proj": "mlp.up_proj", "self_attn.o_proj": "self_attn.v
 class MethodResult:
     """What the method computed for one file type."""
 
-    tensors: dict[str, np.ndarray]  # GGUF name -> the tensor's bytes in the file (uint8), in GGUF row order
+    tensors: Mapping[str, np.ndarray]  # GGUF name -> the tensor's bytes in the file (uint8), in GGUF row order
     method: str
     n_tokens: int
     seconds: float
@@ -82,15 +82,19 @@ def parse_method(method: str) -> str:
 
 def quantize_with_method(folder: Path, method: str, tensor_types: Mapping[str, str], token_ids: torch.Tensor, *,
                          device: str = "cpu", damp: float = 0.01, act_order: bool = False,
-                         progress: bool = False, allow_pickle: bool = False) -> MethodResult:
+                         progress: bool = False, allow_pickle: bool = False,
+                         store: MutableMapping[str, np.ndarray] | None = None) -> MethodResult:
     """Run ``method`` over the decoder layers of the model in ``folder``, each linear to its type in
-    ``tensor_types`` (GGUF name -> type: the file type's mix), calibrated on ``token_ids`` ``[n_chunks, n_ctx]``."""
+    ``tensor_types`` (GGUF name -> type: the file type's mix), calibrated on ``token_ids`` ``[n_chunks, n_ctx]``.
+    ``store``: where the tensors' bytes go as they are made (e.g. a ``SpilledBytes`` file; default a dict)."""
     method = parse_method(method)
     if method == "rtn":
         raise ValueError("quantize_with_method: rtn needs no calibration")
     start = time.perf_counter()
     layer_quantizer = layer_quantizer_for(folder, method, tensor_types, damp=damp, act_order=act_order,
                                           allow_pickle=allow_pickle)
+    if store is not None:
+        layer_quantizer.tensors = store
     run_layer_by_layer(folder, token_ids, layer_quantizer, device=device, progress=progress,
                        allow_pickle=allow_pickle)
     reached = set(layer_quantizer.tensors)
@@ -137,7 +141,7 @@ class LayerQuantizer:
         self.norm_offset = norm_offset
         self.damp = damp
         self.act_order = act_order
-        self.tensors: dict[str, np.ndarray] = {}
+        self.tensors: MutableMapping[str, np.ndarray] = {}
         self.proxy_error = 0.0
         self.proxy_error_rtn = 0.0
         self.layer_error = self.layer_error_rtn = 0.0

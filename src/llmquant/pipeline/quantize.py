@@ -32,6 +32,7 @@ from llmquant.formats import FORMATS, dequantize, quantize
 from llmquant.gguf_io.header import GGUFHeader, HeaderTensor, read_gguf_header
 from llmquant.gguf_io.writer import StreamingGGUFWriter, tensor_nbytes
 from llmquant.models.demo import DEMO_MODEL_NAME, resolve_model
+from llmquant.pipeline.spill import SpilledBytes
 from llmquant.recipes.arch import arch_info_from_metadata
 from llmquant.recipes.file_types import FILE_TYPES, FileType, file_type
 from llmquant.recipes.mixes import MixOptions, MixPlan, TensorSpec, plan_mix
@@ -522,17 +523,22 @@ def quantize_model(
             plan = plan_file_type(source, ft, options, has_imatrix=imatrix is not None or method != "rtn")
             made = None
             ft_imatrix, ft_imatrix_name = imatrix, imatrix_name
-            if method != "rtn":
-                from llmquant.pipeline.calibrated import quantize_with_method
+            # a method's bytes wait in a scratch file, not in memory, until the file is written
+            store = SpilledBytes(workdir / f"{ft.name}.tensors") if method != "rtn" else None
+            try:
+                if store is not None:
+                    from llmquant.pipeline.calibrated import quantize_with_method
 
-                log(f"{ft.name}: {method} on {', '.join(calib)}, layer by layer")
-                made = quantize_with_method(model_path, method, plan.types, token_ids, device=device, damp=damp,
-                                            act_order=act_order, progress=progress)
-                ft_imatrix, ft_imatrix_name = made.importance, f"gathered by {method} from {', '.join(calib)}"
-            result = quantize_gguf(source, target, ft, imatrix=ft_imatrix, imatrix_name=ft_imatrix_name,
-                                   options=options,
-                                   device=device, progress=progress, threads=threads,
-                                   tensors=made.tensors if made else None, plan=plan)
+                    log(f"{ft.name}: {method} on {', '.join(calib)}, layer by layer")
+                    made = quantize_with_method(model_path, method, plan.types, token_ids, device=device,
+                                                damp=damp, act_order=act_order, progress=progress, store=store)
+                    ft_imatrix, ft_imatrix_name = made.importance, f"gathered by {method} from {', '.join(calib)}"
+                result = quantize_gguf(source, target, ft, imatrix=ft_imatrix, imatrix_name=ft_imatrix_name,
+                                       options=options, device=device, progress=progress, threads=threads,
+                                       tensors=made.tensors if made else None, plan=plan)
+            finally:
+                if store is not None:
+                    store.close()
             result.method = made
             results.append(result)
         return results
