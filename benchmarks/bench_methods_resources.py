@@ -4,15 +4,15 @@
     python benchmarks/bench_methods_resources.py --model 1b --methods awq+gptq --calib-chunks 8
 
 ``--model 1b`` is a random llama of TinyLlama-1.1B's shape (22 layers, hidden 2048, ffn 5632, 4 KV heads),
-saved once as an F32 Hugging Face folder under tests/.cache (4.4 GB of weights). Peak RSS is the process's
-(``wait4``'s ru_maxrss); its growth is over a process that only imports the same modules. The target: growth at
-most a third of the model's weight files, since the runner holds one decoder layer at a time.
+saved once as an F32 Hugging Face folder under tests/.cache (4.4 GB of weights). Peak RSS is the process's own
+high-water mark (``VmHWM``, read by the child as it exits: ``wait4``'s ru_maxrss would also count the parent's
+memory, which a forked child starts with); its growth is over a process that only imports the same modules. The
+target: growth at most a third of the model's weight files, since the runner holds one decoder layer at a time.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +26,9 @@ from llmquant.models.demo import DEMO_MODEL_NAME, resolve_model  # noqa: E402
 from tests.fixtures import build_random_model  # noqa: E402
 
 IMPORTS = "import llmquant.cli, llmquant.pipeline.quantize, llmquant.pipeline.calibrated, transformers, torch"
+# run in the child: report its own peak RSS (kB) on stderr's last line as it exits
+PEAK_AT_EXIT = ("import atexit, re; atexit.register(lambda: print('VmHWM', re.search(r'VmHWM:\\s+(\\d+)', "
+                "open('/proc/self/status').read()).group(1), file=__import__('sys').stderr, flush=True)); ")
 
 
 def main() -> None:
@@ -43,14 +46,15 @@ def main() -> None:
     else:
         folder = Path(args.model)
     model_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    base_rss, _ = _run([sys.executable, "-c", IMPORTS])
+    base_rss, _ = _run([sys.executable, "-c", PEAK_AT_EXIT + IMPORTS])
     print(f"{folder.name}: {model_bytes / 2**30:.2f} GiB of weights; a process with the imports only: "
           f"{base_rss / 2**20:.0f} MiB peak RSS", flush=True)
     print("| method | seconds | peak RSS MiB | growth MiB | growth / model |")
     print("|---|---|---|---|---|")
     for method in args.methods.split(","):
         with tempfile.TemporaryDirectory(prefix="bench-resources-") as scratch:
-            command = [sys.executable, "-m", "llmquant", "quantize", str(folder), "-o", f"{scratch}/out.gguf",
+            command = [sys.executable, "-c", PEAK_AT_EXIT + "import runpy; runpy.run_module('llmquant', "
+                       "run_name='__main__')", "quantize", str(folder), "-o", f"{scratch}/out.gguf",
                        "--type", args.type, "--calib", "builtin", "--calib-chunks", str(args.calib_chunks),
                        "--method", method]
             rss, seconds = _run(command)
@@ -62,13 +66,12 @@ def main() -> None:
 def _run(command: list[str]) -> tuple[int, float]:
     """Peak RSS in bytes and wall seconds of one child process (which must succeed)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{stderr.decode(errors='replace')[-3000:]}")
-    return usage.ru_maxrss * 1024, seconds
+    stderr = proc.stderr.decode(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
+    return int(stderr.strip().splitlines()[-1].split()[1]) * 1024, seconds
 
 
 def _random_1b(target: Path) -> Path:
