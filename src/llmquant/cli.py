@@ -256,7 +256,8 @@ _REFERENCE_HELP = ("Full-precision model (HF folder, F32/F16 GGUF, 'smollm2-135m
               help="Run GGUFs in llama.cpp, or dequantize them with llmquant's formats into PyTorch.")
 @click.option("--device", default="cpu", show_default=True, help="PyTorch device for the torch backend.")
 @click.option("--save-reference", metavar="FILE", default=None,
-              help="Keep the reference's log-probs in FILE (llama.cpp's kld-base format) for later --reference.")
+              help="Keep the reference's log-probs in FILE (llama.cpp's kld-base format) for later --reference; "
+                   "a folder gets reference.logits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 def eval_(model: str, reference: str, text_files: tuple[str, ...], ctx: int | None, chunks: int | None, backend: str,
@@ -298,6 +299,8 @@ def eval_(model: str, reference: str, text_files: tuple[str, ...], ctx: int | No
 def compare(models: tuple[str, ...], reference: str, text_files: tuple[str, ...], output_dir: str, ctx: int | None,
             chunks: int | None, backend: str, device: str, save_reference: str | None, allow_pickle: bool) -> None:
     """Compare several quants against one reference run: a report and a size-against-KLD plot.
+
+    The plot needs matplotlib: pip install 'llmquant[plot]'.
 
     \b
     Examples:
