@@ -182,6 +182,7 @@ class _QuantizeCommand(click.Command):
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
               help="Override the type of tensors whose name matches REGEX (first match wins); repeatable.")
 @click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight in its input type.")
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 @click.option("--method", default="rtn", show_default=True,
               type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"], case_sensitive=False),
               help="rtn: llama-quantize's own rounding, byte for byte. gptq: error feedback (GPTQ) onto the same "
@@ -194,12 +195,11 @@ class _QuantizeCommand(click.Command):
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
 @click.option("-v", "--verbose", is_flag=True, help="With --method: the output error of each layer against rtn's.")
-@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 def quantize(model: str, output: str, types: str, imatrix_file: str | None, calib: tuple[str, ...],
-             calib_chunks: int, calib_ctx: int, pure: bool, output_tensor_type: str | None,
+             calib_chunks: int, calib_ctx: int, pure: bool, output_tensor_type: str | None, allow_pickle: bool,
              token_embedding_type: str | None, tensor_types: tuple[str, ...], leave_output_tensor: bool,
              method: str, damp: float, act_order: bool, threads: int | None, device: str, as_json: bool,
-             verbose: bool, allow_pickle: bool) -> None:
+             verbose: bool) -> None:
     """Quantize a model to one of llama.cpp's mixes, with the same tensor types as llama-quantize.
 
     MODEL is a Hugging Face folder, 'smollm2-135m', or an F32/F16/BF16 GGUF. Without --imatrix or
@@ -232,8 +232,9 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
     try:
         results = quantize_model(model, output, types, imatrix_file=imatrix_file, calib=list(calib), options=options,
                                  device=device, threads=threads, calib_chunks=calib_chunks, calib_ctx=calib_ctx,
+                                 allow_pickle=allow_pickle,
                                  progress=True, log=lambda msg: click.echo(msg, err=True), method=method.lower(),
-                                 damp=damp, act_order=act_order, allow_pickle=allow_pickle)
+                                 damp=damp, act_order=act_order)
     except ValueError as exc:  # bad option values reported by the recipes
         raise click.ClickException(str(exc)) from None
     click.echo(results_json(results) if as_json else format_results(results, verbose=verbose))

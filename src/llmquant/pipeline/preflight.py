@@ -93,16 +93,19 @@ def check_not_input(output: Path, inputs: Iterable[Path]) -> None:
                                   "another output (-o)")
 
 
-def check_room(path: Path, n_bytes: int) -> None:
-    """``n_bytes`` fit in the free space of ``path``'s file system and under the process's file-size limit."""
-    folder = _existing_folder(Path(path).parent)
+def check_room(path: Path, n_bytes: int, what: str = "") -> None:
+    """A file of ``n_bytes`` fits in the free space of ``path``'s file system (``path``: the file to be, or the
+    folder it goes into) and under the process's file-size limit. ``what``: the file, when not ``path`` itself."""
+    path = Path(path)
+    folder = _existing_folder(path if path.is_dir() else path.parent)
     free = shutil.disk_usage(folder).free
+    needs = f"{what} needs" if what else "needs"
     if n_bytes > free:
-        raise OutputError(f"{path}: needs {_size(n_bytes)} but only {_size(free)} are free on its disk; free some "
+        raise OutputError(f"{path}: {needs} {_size(n_bytes)} but only {_size(free)} are free on its disk; free some "
                           "space or write elsewhere (-o)")
     limit = _file_size_limit()
     if limit is not None and n_bytes > limit:
-        raise OutputError(f"{path}: needs {_size(n_bytes)} but this process may write files of at most "
+        raise OutputError(f"{path}: {needs} {_size(n_bytes)} but this process may write files of at most "
                           f"{_size(limit)} (ulimit -f); raise the limit or write elsewhere (-o)")
 
 
@@ -315,7 +318,7 @@ def check_quantize(model: Path, outputs: Sequence[Path], imatrix_file: str | os.
     if model.is_dir():
         weights = check_model_folder(model, allow_pickle)
         n_bytes = sum(file.stat().st_size for file in {entry.file for entry in weights.entries.values()})
-        check_room(Path(outputs[0]).parent / "source.gguf", n_bytes)  # the lossless conversion made first
+        check_room(Path(outputs[0]).parent, n_bytes, what="the model converted first (to a temporary GGUF)")
     if imatrix is not None:
         if not imatrix.is_file():
             raise InputError(f"{imatrix}: no such imatrix file")
@@ -336,7 +339,8 @@ def check_finite(label: str, values: Any, first_row: int = 0) -> None:
     import torch
 
     tensor = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
-    if bool(torch.isfinite(tensor.sum())):  # a finite sum proves every value finite (one fast pass)
+    # a finite sum proves every value finite (one fast pass); summed in float32, as an F16 sum overflows at 65504
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
         return
     bad = ~torch.isfinite(tensor)
     count = int(bad.sum())

@@ -445,10 +445,10 @@ def quantize_model(
     calib_ctx: int = 512,
     progress: bool = False,
     log: Callable[[str], None] = lambda _msg: None,
+    allow_pickle: bool = False,
     method: str = "rtn",
     damp: float = 0.01,
     act_order: bool = False,
-    allow_pickle: bool = False,
 ) -> list[QuantizeResult]:
     """Quantize ``model`` to each file type in ``types``; one conversion and one imatrix serve them all.
 
