@@ -256,6 +256,15 @@ def test_every_command_that_reads_weights_has_the_flag():
         assert "--allow-pickle" in run([command, "--help"]).output
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_missing_model_is_named_by_every_command(command, work, tmp_path, temp_folder):
+    missing = tmp_path / "no-such-model"
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_one_line(run(every_command(missing, work, out)[command]), str(missing), "no such")
+    assert listing(out) == [] and listing(temp_folder) == []
+
+
 # ---- non-finite weights --------------------------------------------------------------------------------------------
 
 
