@@ -226,10 +226,11 @@ def check_model_folder(folder: Path, allow_pickle: bool = False) -> Any:
 
 def check_text_files(specs: Sequence[str]) -> None:
     """Every calibration or evaluation text that names a file exists and is a file."""
+    from llmquant.calibration.builtin import BUILTIN_NAME, HELDOUT_NAME
     from llmquant.calibration.sources import DATASET_PREFIX
 
     for spec in specs:
-        if spec in _NAMED_TEXTS or spec.startswith(DATASET_PREFIX):
+        if spec in (*_NAMED_TEXTS, BUILTIN_NAME, HELDOUT_NAME) or spec.startswith(DATASET_PREFIX):
             continue
         path = Path(spec).expanduser()
         if not path.is_file():
