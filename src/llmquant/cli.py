@@ -7,19 +7,33 @@ import sys
 import click
 
 from llmquant import __version__
-from llmquant.errors import LlmquantError
+from llmquant.errors import LlmquantError, os_error_line
 
 MODEL_HELP = "a Hugging Face folder, a GGUF file, or the built-in demo model 'smollm2-135m'"
+ALLOW_PICKLE_HELP = ("Also read pickled PyTorch .bin weights (with torch's weights_only loader, which refuses "
+                     "anything but tensors). Unpickling can run code: use only on files you trust.")
+# the exit status of a command stopped by Ctrl-C, as a shell reports a process ended by SIGINT (128 + 2)
+EXIT_INTERRUPTED = 130
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 class _Group(click.Group):
-    """Turns our errors into one line on stderr and a non-zero exit, never a traceback."""
+    """Turns our errors and the system's (a read-only folder, a full disk) into one line on stderr and a non-zero
+    exit, never a traceback; Ctrl-C exits with 130 (what it leaves is only what the jobs' cleanup keeps: nothing)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except LlmquantError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_one_line(str(exc))) from None
+        except OSError as exc:
+            raise click.ClickException(_one_line(os_error_line(exc))) from None
+        except KeyboardInterrupt:
+            click.echo("\nllmquant: interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
 
 def _not_yet(command: str) -> None:
@@ -69,11 +83,11 @@ def inspect(file: str, as_json: bool, no_tensors: bool) -> None:
 
 @cli.command()
 @click.argument("model", metavar="MODEL")
-@click.option("-o", "--output", required=True, metavar="OUT.gguf", help="The GGUF file to write.")
+@click.option("-o", "--output", required=True, metavar="OUT.gguf",
+              help="The GGUF file to write, or a folder (ending in / or existing) to write MODEL-TYPE.gguf into.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"], case_sensitive=False), default="f16",
               show_default=True, help="Tensor type of the weight matrices (norms and biases stay F32).")
-@click.option("--allow-pickle", is_flag=True,
-              help="Also read pickled PyTorch .bin weights. Unpickling can run code: use only on files you trust.")
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 def convert(model: str, output: str, outtype: str, allow_pickle: bool) -> None:
     """Convert a Hugging Face model folder to GGUF, as llama.cpp's converter does.
 
@@ -85,10 +99,11 @@ def convert(model: str, output: str, outtype: str, allow_pickle: bool) -> None:
       llmquant convert smollm2-135m -o smollm2-f32.gguf --outtype f32
     """
     from llmquant.pipeline.convert import convert_model
+    from llmquant.pipeline.inspect import human_bytes
 
     result = convert_model(model, output, outtype=outtype, allow_pickle=allow_pickle, progress=True)
     click.echo(f"wrote {result.path} ({result.architecture}, {result.n_tensors} tensors, {result.n_params:,} "
-               f"parameters, {result.n_bytes / 1e6:.1f} MB, {outtype.upper()}) in {result.seconds:.1f}s")
+               f"parameters, {human_bytes(result.n_bytes)}, {outtype.upper()}) in {result.seconds:.1f}s")
 
 
 @cli.command()
@@ -96,15 +111,17 @@ def convert(model: str, output: str, outtype: str, allow_pickle: bool) -> None:
 @click.option("-f", "--file", "text_files", multiple=True, metavar="TEXT",
               help="Calibration text: plain text or JSONL with a 'text' field; repeatable. Default: 'builtin' "
                    "(Python's language reference).")
-@click.option("-o", "--output", default="imatrix.gguf", show_default=True, help="The imatrix file to write.")
+@click.option("-o", "--output", default="imatrix.gguf", show_default=True,
+              help="The imatrix file to write, or a folder to write imatrix.gguf into.")
 @click.option("--ctx", default=512, show_default=True, help="Tokens per chunk.")
 @click.option("--chunks", type=int, default=None, help="Use at most this many chunks (default: all).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Chunks per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--process-output", is_flag=True,
               help="Also collect output.weight (as llama-imatrix --process-output; not with tied embeddings).")
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 def imatrix(model: str, text_files: tuple[str, ...], output: str, ctx: int, chunks: int | None, batch: int,
-            device: str, process_output: bool) -> None:
+            device: str, process_output: bool, allow_pickle: bool) -> None:
     """Compute an importance matrix from calibration text (llama.cpp's imatrix GGUF format).
 
     MODEL is a Hugging Face folder or 'smollm2-135m'. TEXT is a plain text file, a JSONL file with a
@@ -119,8 +136,8 @@ def imatrix(model: str, text_files: tuple[str, ...], output: str, ctx: int, chun
     from llmquant.pipeline.imatrix import run_imatrix
 
     run = run_imatrix(model, text_files, output, n_ctx=ctx, n_chunks=chunks, batch_size=batch, device=device,
-                      process_output=process_output, progress=True)
-    click.echo(f"wrote {output}: {len(run.data.entries)} tensors, {run.n_chunks} chunks of {run.n_ctx} tokens "
+                      process_output=process_output, progress=True, allow_pickle=allow_pickle)
+    click.echo(f"wrote {run.path}: {len(run.data.entries)} tensors, {run.n_chunks} chunks of {run.n_ctx} tokens "
                f"(text: {run.n_text_tokens} tokens), PPL {run.perplexity:.4f}, "
                f"{run.tokens_per_second:.0f} tokens/s on {run.device}")
 
@@ -147,7 +164,9 @@ class _QuantizeCommand(click.Command):
 
 @cli.command(cls=_QuantizeCommand)
 @click.argument("model", metavar="MODEL")
-@click.option("-o", "--output", required=True, help="Output GGUF file, or a folder when several types are given.")
+@click.option("-o", "--output", required=True,
+              help="Output GGUF file, or a folder (ending in /, existing, or several types given): MODEL-TYPE.gguf "
+                   "for each type.")
 @click.option("-t", "--type", "types", required=True, metavar="TYPE[,TYPE…]",
               help="llama.cpp file type(s), comma-separated, e.g. Q4_K_M or Q4_K_M,Q6_K (see the list below).")
 @click.option("--imatrix", "imatrix_file", default=None, metavar="FILE",
@@ -163,6 +182,7 @@ class _QuantizeCommand(click.Command):
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
               help="Override the type of tensors whose name matches REGEX (first match wins); repeatable.")
 @click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight in its input type.")
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 @click.option("--method", default="rtn", show_default=True,
               type=click.Choice(["rtn", "gptq", "awq", "awq+gptq"], case_sensitive=False),
               help="rtn: llama-quantize's own rounding, byte for byte. gptq: error feedback (GPTQ) onto the same "
@@ -176,7 +196,7 @@ class _QuantizeCommand(click.Command):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
 @click.option("-v", "--verbose", is_flag=True, help="With --method: the output error of each layer against rtn's.")
 def quantize(model: str, output: str, types: str, imatrix_file: str | None, calib: tuple[str, ...],
-             calib_chunks: int, calib_ctx: int, pure: bool, output_tensor_type: str | None,
+             calib_chunks: int, calib_ctx: int, pure: bool, output_tensor_type: str | None, allow_pickle: bool,
              token_embedding_type: str | None, tensor_types: tuple[str, ...], leave_output_tensor: bool,
              method: str, damp: float, act_order: bool, threads: int | None, device: str, as_json: bool,
              verbose: bool) -> None:
@@ -212,6 +232,7 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
     try:
         results = quantize_model(model, output, types, imatrix_file=imatrix_file, calib=list(calib), options=options,
                                  device=device, threads=threads, calib_chunks=calib_chunks, calib_ctx=calib_ctx,
+                                 allow_pickle=allow_pickle,
                                  progress=True, log=lambda msg: click.echo(msg, err=True), method=method.lower(),
                                  damp=damp, act_order=act_order)
     except ValueError as exc:  # bad option values reported by the recipes
@@ -236,10 +257,12 @@ _REFERENCE_HELP = ("Full-precision model (HF folder, F32/F16 GGUF, 'smollm2-135m
               help="Run GGUFs in llama.cpp, or dequantize them with llmquant's formats into PyTorch.")
 @click.option("--device", default="cpu", show_default=True, help="PyTorch device for the torch backend.")
 @click.option("--save-reference", metavar="FILE", default=None,
-              help="Keep the reference's log-probs in FILE (llama.cpp's kld-base format) for later --reference.")
+              help="Keep the reference's log-probs in FILE (llama.cpp's kld-base format) for later --reference; "
+                   "a folder gets reference.logits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 def eval_(model: str, reference: str, text_files: tuple[str, ...], ctx: int | None, chunks: int | None, backend: str,
-          device: str, save_reference: str | None, as_json: bool) -> None:
+          device: str, save_reference: str | None, as_json: bool, allow_pickle: bool) -> None:
     """Measure what a quant costs: KL-divergence, perplexity and top-token agreement.
 
     The figures are llama-perplexity --kl-divergence's: the text is cut into chunks of --ctx tokens and the
@@ -258,7 +281,7 @@ def eval_(model: str, reference: str, text_files: tuple[str, ...], ctx: int | No
     from llmquant.pipeline.evaluate import evaluate_model
 
     result = evaluate_model(model, reference, text_files, n_ctx=ctx, max_chunks=chunks, backend=backend,
-                            device=device, save_reference=save_reference, progress=True)
+                            device=device, save_reference=save_reference, progress=True, allow_pickle=allow_pickle)
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_figures(result))
 
 
@@ -273,21 +296,26 @@ def eval_(model: str, reference: str, text_files: tuple[str, ...], ctx: int | No
 @click.option("--backend", type=click.Choice(["llama.cpp", "torch"]), default="llama.cpp", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="PyTorch device for the torch backend.")
 @click.option("--save-reference", metavar="FILE", default=None, help="Keep the reference's log-probs in FILE.")
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 def compare(models: tuple[str, ...], reference: str, text_files: tuple[str, ...], output_dir: str, ctx: int | None,
-            chunks: int | None, backend: str, device: str, save_reference: str | None) -> None:
+            chunks: int | None, backend: str, device: str, save_reference: str | None, allow_pickle: bool) -> None:
     """Compare several quants against one reference run: a report and a size-against-KLD plot.
+
+    The plot needs matplotlib: pip install 'llmquant[plot]'.
 
     \b
     Examples:
       llmquant compare q4_0.gguf q4_k_m.gguf q8_0.gguf --reference smollm2-135m -o report/ --chunks 20
     """
     from llmquant.pipeline.evaluate import compare_models
+    from llmquant.pipeline.inspect import human_bytes
 
     results, written = compare_models(models, reference, output_dir, text_files, n_ctx=ctx, max_chunks=chunks,
-                                      backend=backend, device=device, save_reference=save_reference, progress=True)
+                                      backend=backend, device=device, save_reference=save_reference, progress=True,
+                                      allow_pickle=allow_pickle)
     for r in sorted(results, key=lambda r: r.size_bytes or 0):
         f = r.figures
-        click.echo(f"{r.model}: {(r.size_bytes or 0) / 1e6:.1f} MB  PPL {f.ppl:.4f}  KLD {f.kld_mean:.5f}  "
+        click.echo(f"{r.model}: {human_bytes(r.size_bytes or 0)}  PPL {f.ppl:.4f}  KLD {f.kld_mean:.5f}  "
                    f"same top {100 * f.top1_agreement:.2f}%")
     click.echo("wrote " + ", ".join(str(p) for p in written.values()))
 
@@ -295,9 +323,9 @@ def compare(models: tuple[str, ...], reference: str, text_files: tuple[str, ...]
 def main() -> None:
     try:
         cli(prog_name="llmquant")
-    except KeyboardInterrupt:
-        click.echo("llmquant: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt:  # outside a command (while starting up); inside one, _Group answers it
+        click.echo("\nllmquant: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

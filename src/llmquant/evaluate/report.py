@@ -46,7 +46,7 @@ def format_figures(result: Measured) -> str:
         ("RMS Δp", f"{100 * f.rms_dp:.3f} ± {100 * f.rms_dp_err:.3f} %"),
     ]
     if result.size_bytes is not None:
-        size = f"{result.size_bytes / 1e6:.1f} MB"
+        size = f"{result.size_bytes / 2**20:.2f} MiB"
         if result.bits_per_weight:
             size += f", {result.bits_per_weight:.3f} bits per weight"
         rows.insert(3, ("size", size))
@@ -89,13 +89,13 @@ def report_markdown(results: Sequence[Measured], reference: str) -> str:
         f"Reference: `{reference}`. {first.figures.n_tokens} tokens scored per model ({first.n_chunks} chunks of "
         f"{first.n_ctx} tokens, the second half of each), as `llama-perplexity --kl-divergence` scores them.",
         "",
-        "| model | type | size (MB) | bits/weight | PPL | PPL ratio | mean KLD | median KLD | 99.9% KLD | max KLD "
+        "| model | type | size (MiB) | bits/weight | PPL | PPL ratio | mean KLD | median KLD | 99.9% KLD | max KLD "
         "| same top | RMS Δp | Pareto |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|",
     ]
     for r, b in sorted(zip(results, best, strict=True), key=lambda rb: rb[0].size_bytes or 0):
         f = r.figures
-        size = f"{r.size_bytes / 1e6:.1f}" if r.size_bytes is not None else "–"
+        size = f"{r.size_bytes / 2**20:.1f}" if r.size_bytes is not None else "–"
         bpw = f"{r.bits_per_weight:.3f}" if r.bits_per_weight else "–"
         lines.append(
             f"| {_label(r)} | {r.file_type or '–'} | {size} | {bpw} | {f.ppl:.4f} ± {f.ppl_err:.4f} "
@@ -131,7 +131,7 @@ def plot_frontier(results: Sequence[Measured], path: Path, reference: str) -> Pa
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
-    sizes = [(r.size_bytes or 0) / 1e6 for r in results]
+    sizes = [(r.size_bytes or 0) / 2**20 for r in results]
     klds = [r.figures.kld_mean for r in results]
     errors = [r.figures.kld_mean_err for r in results]
     best = pareto_best(list(zip(sizes, klds, strict=True)))
@@ -148,7 +148,7 @@ def plot_frontier(results: Sequence[Measured], path: Path, reference: str) -> Pa
         ax.set_yscale("log")
     ax.scatter([], [], marker="*", s=120, color="tab:green", label="Pareto-best")
     ax.scatter([], [], marker="o", color="tab:gray", label="dominated")
-    ax.set_xlabel("file size (MB)")
+    ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("mean KL divergence from the reference (nats)")
     ax.set_title(f"size against accuracy, reference {Path(reference).name}", fontsize=10)
     ax.grid(True, alpha=0.3)

@@ -43,9 +43,7 @@ class WeightSource:
     def load(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
         if self.pickled:
-            # weights_only: even when opted in, refuse arbitrary objects; mmap keeps other tensors on disk
-            state = torch.load(entry.file, map_location="cpu", weights_only=True, mmap=True)
-            return state[name].clone()
+            return load_pickled_weights(entry.file)[name].clone()
         from safetensors import safe_open
 
         try:
@@ -129,13 +127,40 @@ def _files_from_index(index: Path) -> list[Path]:
     return files
 
 
+def load_pickled_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict through torch's weights_only loader, which builds tensors and plain containers
+    only: a pickle that would build any other object (run code) is refused, with one line, even when pickles
+    are allowed. Memory-mapped where the file is in torch's zip format, so the tensors stay on disk."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on the way to refusing them
+            warnings.simplefilter("ignore")
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(file, map_location="cpu", weights_only=True)  # the legacy format is not mapped
+    except pickle.UnpicklingError:
+        raise InputError(f"{file}: refused: the pickle holds more than tensors (unpickling it could run code); "
+                         "convert the weights to safetensors from a trusted copy") from None
+    except OSError:
+        raise
+    except Exception as exc:  # torch raises several types for damaged or foreign files
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise InputError(f"{file}: cannot read pickled weights ({type(exc).__name__}: {first_line}); re-download "
+                         "the file") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise InputError(f"{file}: not a state dict of tensors; give the model's weights file")
+    return state
+
+
 def _pickled_source(files: list[Path]) -> WeightSource:
     entries: dict[str, TensorEntry] = {}
     for file in files:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise InputError(f"{file}: cannot read pickled weights ({exc})") from None
+        state = load_pickled_weights(file)
         for name, tensor in state.items():
             entries[name] = TensorEntry(file=file, shape=tuple(tensor.shape), dtype=str(tensor.dtype))
     return WeightSource(entries, pickled=True)

@@ -9,18 +9,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 import torch
 
 from llmquant.errors import InputError
-from llmquant.gguf_io.writer import StreamingGGUFWriter
-from llmquant.models.architectures import TensorPlan, find_architecture, plan_tensors
+from llmquant.gguf_io.writer import StreamingGGUFWriter, tensor_nbytes
+from llmquant.models.architectures import Architecture, TensorPlan, find_architecture, plan_tensors
 from llmquant.models.config import ModelConfig, read_config
 from llmquant.models.demo import DEMO_MODEL_NAME, demo_model_folder
-from llmquant.models.safetensors_io import open_weights
+from llmquant.models.safetensors_io import WeightSource
 from llmquant.models.tokenizer_export import export_vocab
+from llmquant.pipeline import preflight
 
 Q = gguf.GGMLQuantizationType
 # --outtype → (general.file_type, the type of weight matrices)
@@ -102,22 +104,41 @@ def encode(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray
     raise ValueError(f"no encoder for {qtype.name}")
 
 
+def default_output_name(model: str | Path, outtype: str) -> str:
+    """The file name convert writes into a folder given as ``-o``: the model's name and the type, as llama.cpp's
+    converter names its output (``Llama-3.2-1B-F16.gguf``)."""
+    stem = DEMO_MODEL_NAME if str(model) == DEMO_MODEL_NAME else Path(str(model).rstrip("/")).name
+    return f"{stem}-{outtype.upper()}.gguf"
+
+
 def convert_model(model: str | Path, output: str | Path, outtype: str = "f16", allow_pickle: bool = False,
                   progress: bool = False) -> ConvertResult:
-    """Convert ``model`` (folder, demo name or Hub id) to ``output``; nothing is left at ``output`` on failure."""
+    """Convert ``model`` (folder, demo name or Hub id) to ``output`` (a file, or a folder to write the file into);
+    nothing is left at ``output`` on failure."""
     start = time.perf_counter()
     if outtype.lower() not in OUTTYPES:
         raise InputError(f"--outtype {outtype}: choose one of {', '.join(OUTTYPES)}")
     file_type, matrix_type = OUTTYPES[outtype.lower()]
+    target = preflight.output_file(output, default_output_name(model, outtype))
+    preflight.check_output(target)  # before a download or the demo model's first build
     folder = resolve_source(str(model))
+    preflight.check_not_input(target, [folder])
     config = read_config(folder)
     arch = find_architecture(config)
-    weights = open_weights(folder, allow_pickle=allow_pickle)
+    weights = preflight.check_model_folder(folder, allow_pickle)
     vocab = export_vocab(folder, config.vocab_size, arch.name, arch.add_space_prefix)
     plans = plan_tensors(arch, config, weights, n_vocab_tokens=vocab.n_tokens)
     types = [tensor_type(plan, matrix_type) for plan in plans]
+    preflight.check_room(target, sum(tensor_nbytes(plan.shape, qtype) for plan, qtype in zip(plans, types,
+                                                                                            strict=True)))
+    with preflight.writing(target):
+        return _write_gguf(target, folder, config, arch, weights, vocab, plans, types, file_type, progress, start)
 
-    with StreamingGGUFWriter(Path(output), arch.gguf_name) as writer:
+
+def _write_gguf(target: Path, folder: Path, config: ModelConfig, arch: Architecture, weights: WeightSource,
+                vocab: Any, plans: list[TensorPlan], types: list[gguf.GGMLQuantizationType],
+                file_type: gguf.LlamaFileType, progress: bool, start: float) -> ConvertResult:
+    with StreamingGGUFWriter(target, arch.gguf_name) as writer:
         for plan, qtype in zip(plans, types, strict=True):
             writer.declare(plan.name, plan.shape, qtype)
         _write_metadata(writer, folder, config, arch.hparams(config), file_type)
@@ -129,7 +150,11 @@ def convert_model(model: str | Path, output: str | Path, outtype: str = "f16", a
         writer.begin()
         n_params = 0
         for plan, qtype in _progress(list(zip(plans, types, strict=True)), progress):
-            tensor = plan.build([weights.load(name) for name in plan.sources])
+            loaded = [weights.load(name) for name in plan.sources]
+            for name, values in zip(plan.sources, loaded, strict=True):
+                preflight.check_finite(f"{name} in {folder}", values)  # llama.cpp would run on NaNs
+            tensor = plan.build(loaded)
+            del loaded
             if tuple(tensor.shape) != plan.shape:
                 raise InputError(f"tensor {plan.name} from {plan.sources[:1]} came out {list(tensor.shape)}, "
                                  f"expected {list(plan.shape)}")

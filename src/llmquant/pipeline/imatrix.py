@@ -19,10 +19,13 @@ from llmquant.calibration.sources import join_sources, load_text_sources
 from llmquant.errors import InputError
 from llmquant.gguf_io.imatrix import ImatrixData, imatrix_data_from_sums, importance_vectors, write_imatrix_gguf
 from llmquant.models.demo import resolve_model
+from llmquant.pipeline import preflight
 
 # llama-imatrix skips matrix products of fewer than 16 rows ("why are small batches ignored (<16 tokens)?"),
 # so a shorter chunk would collect nothing there; we refuse it rather than write a different file
 MIN_CTX = 16
+# the file written into a folder given as ``-o``, as llama-imatrix names its output by default
+DEFAULT_OUTPUT_NAME = "imatrix.gguf"
 
 
 @dataclass
@@ -36,6 +39,7 @@ class ImatrixRun:
     perplexity: float
     seconds: float
     device: str
+    path: Path | None = None  # the file written, when one was
 
     @property
     def tokens_per_second(self) -> float:
@@ -115,13 +119,18 @@ def compute_imatrix(model: Any, chunks: Chunks, datasets: Sequence[str], batch_s
 
 def run_imatrix(model: str | os.PathLike, text_files: Sequence[str] = (), output: str | os.PathLike | None = None,
                 n_ctx: int = 512, n_chunks: int | None = None, batch_size: int = 1, device: str = "cpu",
-                process_output: bool = False, progress: bool = False, dtype: torch.dtype = torch.float32
-                ) -> ImatrixRun:
-    """The whole job: read the text, chunk it like llama-imatrix, collect, and write ``output`` when given."""
+                process_output: bool = False, progress: bool = False, dtype: torch.dtype = torch.float32,
+                allow_pickle: bool = False) -> ImatrixRun:
+    """The whole job: read the text, chunk it like llama-imatrix, collect, and write ``output`` when given (a
+    file, or a folder to write imatrix.gguf into). Everything is checked before the model is loaded: the output
+    can be written, the weights are safetensors (or pickles with ``allow_pickle``), the text files exist."""
     if n_ctx < MIN_CTX:
         raise InputError(f"--ctx {n_ctx} is too small: llama-imatrix ignores batches of fewer than {MIN_CTX} tokens")
     if n_chunks is not None and n_chunks < 1:
         raise InputError(f"--chunks must be at least 1, got {n_chunks}")
+    target = preflight.output_file(output, DEFAULT_OUTPUT_NAME) if output is not None else None
+    if target is not None:
+        preflight.check_output(target)  # before the demo model's first build
     model_dir = resolve_model(model)
     dev = resolve_device(device)
     if not model_dir.is_dir():
@@ -129,13 +138,19 @@ def run_imatrix(model: str | os.PathLike, text_files: Sequence[str] = (), output
                          "tokenizer), not a single file")
     if not (model_dir / "config.json").is_file():
         raise InputError(f"{model_dir}: no config.json: not a Hugging Face model folder")
+    preflight.check_model_folder(model_dir, allow_pickle)
+    preflight.check_text_files(text_files)
+    if target is not None:
+        preflight.check_not_input(target, [model_dir, *(Path(f) for f in text_files)])
     tokenizer = load_tokenizer(model_dir)
     sources = load_text_sources(text_files)
     chunks = chunk_text(tokenizer, join_sources(sources), n_ctx, n_chunks)
     lm = load_causal_lm(model_dir, dev, dtype)
     result = compute_imatrix(lm, chunks, [s.name for s in sources], batch_size, process_output, progress)
-    if output is not None:
-        write_imatrix_gguf(output, result.data)
+    if target is not None:
+        with preflight.written_atomically(target) as partial:
+            write_imatrix_gguf(partial, result.data)
+        result.path = target
     return result
 
 

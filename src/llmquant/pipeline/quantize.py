@@ -32,6 +32,7 @@ from llmquant.formats import FORMATS, dequantize, quantize
 from llmquant.gguf_io.header import GGUFHeader, HeaderTensor, read_gguf_header
 from llmquant.gguf_io.writer import StreamingGGUFWriter, tensor_nbytes
 from llmquant.models.demo import DEMO_MODEL_NAME, resolve_model
+from llmquant.pipeline import preflight
 from llmquant.pipeline.spill import SpilledBytes
 from llmquant.recipes.arch import arch_info_from_metadata
 from llmquant.recipes.file_types import FILE_TYPES, FileType, file_type
@@ -248,7 +249,11 @@ def _encode_part(source: GGUFSource, part: _Part, device: torch.device) -> np.nd
     start, stop = _byte_range(part)
     raw = source.read(part.name, start, stop, out=_read_buffer(stop - start))
     values = dequantize(raw, part.src_type, (part.stop - part.start, part.n_per_row))
-    data = quantize(torch.from_numpy(values).to(device), part.type_name, imatrix=part.importance)
+    try:
+        data = quantize(torch.from_numpy(values).to(device), part.type_name, imatrix=part.importance)
+    except ValueError:  # non-finite weights: name the tensor, the count and the first position
+        preflight.check_finite(f"{part.name} in {source.path}", values, first_row=part.start)
+        raise
     # the buffer is reused by the worker's next part: an output that is a view of it (F32 from F32) is copied
     return data.copy() if np.may_share_memory(data, raw) else data
 
@@ -441,6 +446,7 @@ def quantize_model(
     calib_ctx: int = 512,
     progress: bool = False,
     log: Callable[[str], None] = lambda _msg: None,
+    allow_pickle: bool = False,
     method: str = "rtn",
     damp: float = 0.01,
     act_order: bool = False,
@@ -459,12 +465,16 @@ def quantize_model(
         raise InputError("give either --imatrix or --calib, not both")
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be at least 1, got {threads}")
+    as_folder = preflight.wants_folder(output)  # before Path() drops a trailing "/"
     output = Path(output)
     if len(file_types) > 1 and output.suffix.lower() == ".gguf":
         raise InputError(f"{output}: several types need an output folder, not a .gguf file")
     model_path = resolve_model(model) if str(model) == DEMO_MODEL_NAME else Path(model).expanduser()
     if not model_path.exists():
         raise InputError(f"{model_path}: no such file or folder (or use the built-in demo model '{DEMO_MODEL_NAME}')")
+    targets = _output_paths(output, as_folder, file_types, model, model_path)
+    preflight.check_quantize(model_path, list(targets.values()), imatrix_file, calib or (), calib_ctx, calib_chunks,
+                             allow_pickle)
 
     imatrix: dict[str, np.ndarray] | None = None
     imatrix_name: str | None = None
@@ -477,7 +487,7 @@ def quantize_model(
         imatrix, imatrix_name = load_importance(path), str(path)
 
     # scratch space (the converted source, an on-the-fly imatrix) beside the outputs, not in a small /tmp
-    scratch_parent = output if len(file_types) > 1 else output.parent
+    scratch_parent = next(iter(targets.values())).parent
     scratch_parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=".llmquant-", dir=scratch_parent))
     try:
@@ -492,13 +502,14 @@ def quantize_model(
             outtype = _lossless_outtype(model_path)
             log(f"converting {model_path} to a temporary {outtype.upper()} GGUF")
             source_path = workdir / "source.gguf"
-            convert_model(model_path, source_path, outtype=outtype, progress=progress)
+            convert_model(model_path, source_path, outtype=outtype, progress=progress, allow_pickle=allow_pickle)
             # a method gathers the importance vectors itself, layer by layer: the whole model is never in memory
             if calib and method == "rtn":
                 from llmquant.pipeline.imatrix import run_imatrix
 
                 log(f"computing the importance matrix from {', '.join(calib)}")
                 run = run_imatrix(model_path, list(calib), output=workdir / "imatrix.gguf", n_ctx=calib_ctx,
+                                  allow_pickle=allow_pickle,
                                   n_chunks=calib_chunks, device=device, progress=progress)
                 from llmquant.gguf_io.imatrix import importance_vectors
 
@@ -516,10 +527,7 @@ def quantize_model(
         token_ids = _calibration_tokens(model_path, calib, calib_ctx, calib_chunks) if method != "rtn" else None
         results = []
         for ft in file_types:
-            if len(file_types) > 1:
-                target = output / f"{_output_stem(model, model_path)}-{ft.name}.gguf"
-            else:
-                target = output
+            target = targets[ft.name]
             plan = plan_file_type(source, ft, options, has_imatrix=imatrix is not None or method != "rtn")
             made = None
             ft_imatrix, ft_imatrix_name = imatrix, imatrix_name
@@ -531,7 +539,8 @@ def quantize_model(
 
                     log(f"{ft.name}: {method} on {', '.join(calib)}, layer by layer")
                     made = quantize_with_method(model_path, method, plan.types, token_ids, device=device,
-                                                damp=damp, act_order=act_order, progress=progress, store=store)
+                                                damp=damp, act_order=act_order, progress=progress, store=store,
+                                                allow_pickle=allow_pickle)
                     ft_imatrix, ft_imatrix_name = made.importance, f"gathered by {method} from {', '.join(calib)}"
                 result = quantize_gguf(source, target, ft, imatrix=ft_imatrix, imatrix_name=ft_imatrix_name,
                                        options=options, device=device, progress=progress, threads=threads,
@@ -542,6 +551,8 @@ def quantize_model(
             result.method = made
             results.append(result)
         return results
+    except OSError as exc:  # a disk that filled up mid-job: one line naming the output
+        raise preflight.os_error(exc, output) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -551,6 +562,15 @@ def _calibration_tokens(folder: Path, calib: Sequence[str], n_ctx: int, n_chunks
     from llmquant.calibration.sources import join_sources, load_text_sources
 
     return chunk_text(load_tokenizer(folder), join_sources(load_text_sources(list(calib))), n_ctx, n_chunks).token_ids
+
+
+def _output_paths(output: Path, as_folder: bool, file_types: Sequence[FileType], model: str | os.PathLike,
+                  model_path: Path) -> dict[str, Path]:
+    """Each file type's output file: ``output`` for one type, else (or when ``output`` names a folder) one file
+    per type inside it, named for the model and the type."""
+    if len(file_types) == 1 and not as_folder:
+        return {file_types[0].name: output}
+    return {ft.name: output / f"{_output_stem(model, model_path)}-{ft.name}.gguf" for ft in file_types}
 
 
 def _output_stem(model: str | os.PathLike, model_path: Path) -> str:
