@@ -23,6 +23,10 @@ IMATRIX_KEYS = ["quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.i
 
 @pytest.fixture(scope="module")
 def tiny_src(test_cache: Path, smollm2_f32_gguf: Path) -> Path:
+    return tiny_model(test_cache, smollm2_f32_gguf)
+
+
+def tiny_model(test_cache: Path, smollm2_f32_gguf: Path) -> Path:
     """tests/pipeline/test_quantize.py's tiny model (16 layers, hidden 256), from the same cache."""
     tokenizer = small_vocab_tokenizer_gguf(smollm2_f32_gguf, test_cache / "smollm2-tokenizer-512.gguf")
     config = dataclasses.replace(TINY_LLAMA, name="tiny-llama-v512")

@@ -4,7 +4,6 @@ Every file type on the tiny model and Q4_K_M, IQ4_XS, Q2_K on SmolLM2 are compar
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,12 @@ from llmquant.cli import cli
 from llmquant.gguf_io.imatrix import write_imatrix_dat, write_imatrix_gguf
 from llmquant.oracles.llama_quantize import llama_quantize
 from llmquant.pipeline.quantize import format_results, quantize_model
-from tests.gguf_fixtures import small_vocab_tokenizer_gguf
-from tests.oracles.test_llama_quantize_oracle import imatrix_of, metadata
-from tests.recipes.conftest import TINY_LLAMA, write_tiny_llama_gguf
+from tests.oracles.test_llama_quantize_oracle import imatrix_of, metadata, tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_src(test_cache: Path, smollm2_f32_gguf: Path) -> Path:
-    """tests/pipeline/test_quantize.py's tiny model (16 layers, hidden 256), from the same cache."""
-    tokenizer = small_vocab_tokenizer_gguf(smollm2_f32_gguf, test_cache / "smollm2-tokenizer-512.gguf")
-    config = dataclasses.replace(TINY_LLAMA, name="tiny-llama-v512")
-    return write_tiny_llama_gguf(config, tokenizer, test_cache / f"{config.name}.gguf")
+    return tiny_model(test_cache, smollm2_f32_gguf)
 
 
 def test_smollm2_q8_0_is_llama_quantizes_whole_file(smollm2_f32_gguf, tmp_path):
@@ -53,7 +47,7 @@ def test_the_path_is_recorded_as_typed_on_the_command_line(tiny_src, tmp_path, m
     theirs = llama_quantize(tiny_src, tmp_path / "theirs.gguf", "Q8_0", imatrix_file="./imatrix.gguf").output
     assert (tmp_path / "ours.gguf").read_bytes() == theirs.read_bytes()
     assert metadata(theirs)["quantize.imatrix.file"] == "./imatrix.gguf"
-    assert "importance matrix: ./imatrix.gguf (a.txt, 3 chunks," in result.output
+    assert "importance matrix: ./imatrix.gguf (a.txt, 3 chunks of 512 tokens," in result.output
 
 
 def test_a_path_over_127_bytes_is_cut_as_llama_quantize_cuts_it(tiny_src, tmp_path):
@@ -70,5 +64,5 @@ def test_the_summary_names_the_imatrix_dataset_chunks_and_entries(tiny_src, tmp_
     data = imatrix_of(tiny_src, ["wiki.txt"], chunk_count=4)
     imatrix_file = write_imatrix_gguf(tmp_path / "imatrix.gguf", data)
     result = quantize_model(tiny_src, tmp_path / "ours.gguf", "Q8_0", imatrix_file=imatrix_file)[0]
-    assert f"importance matrix: {imatrix_file} (wiki.txt, 4 chunks, {len(data.entries)} entries)" \
+    assert f"importance matrix: {imatrix_file} (wiki.txt, 4 chunks of 512 tokens, {len(data.entries)} entries)" \
         in format_results([result])

@@ -95,11 +95,12 @@ class ImatrixProvenance:
             keys.append((KEY_QUANTIZE_N_CHUNKS, self.n_chunks))
         return keys
 
-    def describe(self) -> str:
-        """``wiki.txt, 100 chunks, 210 entries``: the dataset and counts, for a summary line."""
+    def describe(self, chunk_tokens: int | None = None) -> str:
+        """``wiki.txt, 100 chunks of 512 tokens, 210 entries``: the dataset and counts, for a summary line."""
         parts = [self.dataset.decode("utf-8", "replace")] if self.dataset else []
         if self.n_chunks > 0:
-            parts.append(f"{self.n_chunks} chunk" + ("" if self.n_chunks == 1 else "s"))
+            of = f" of {chunk_tokens} tokens" if chunk_tokens else ""
+            parts.append(f"{self.n_chunks} chunk" + ("" if self.n_chunks == 1 else "s") + of)
         parts.append(f"{self.n_entries} entr" + ("y" if self.n_entries == 1 else "ies"))
         return ", ".join(parts)
 

@@ -492,7 +492,7 @@ def quantize_model(
         data = read_imatrix(path)
         # the path as given, as llama-quantize records it (a Path's str normalises "./x" to "x")
         imatrix, provenance = importance_vectors(data), provenance_of_file(str(imatrix_file), data)
-        imatrix_name = f"{imatrix_file} ({provenance.describe()})"
+        imatrix_name = f"{imatrix_file} ({provenance.describe(data.chunk_size)})"
 
     # scratch space (the converted source, an on-the-fly imatrix) beside the outputs, not in a small /tmp
     scratch_parent = output if len(file_types) > 1 else output.parent
@@ -522,7 +522,7 @@ def quantize_model(
 
                 imatrix = importance_vectors(run.data)
                 provenance = provenance_of_calibration(run.data.datasets, len(run.data.entries), run.n_chunks)
-                imatrix_name = f"computed from {', '.join(calib)} ({provenance.describe()} of {calib_ctx} tokens)"
+                imatrix_name = f"computed from {', '.join(calib)} ({provenance.describe(calib_ctx)})"
         else:
             raise InputError(f"{model_path}: not a GGUF file or a Hugging Face model folder")
 
@@ -554,7 +554,7 @@ def quantize_model(
                                             act_order=act_order, progress=progress)
                 gathered = provenance_of_calibration(calib_names, len(made.importance), int(token_ids.shape[0]))
                 ft_imatrix = made.importance
-                ft_imatrix_name = f"gathered by {method} from {', '.join(calib)} ({gathered.describe()})"
+                ft_imatrix_name = f"gathered by {method} from {', '.join(calib)} ({gathered.describe(calib_ctx)})"
                 metadata = [*gathered.metadata(), (METHOD_KEY, describe_method(method, damp, act_order).encode())]
             result = quantize_gguf(source, target, ft, imatrix=ft_imatrix, imatrix_name=ft_imatrix_name,
                                    options=options,
