@@ -35,7 +35,6 @@ KEY_QUANTIZE_FILE = "quantize.imatrix.file"
 KEY_QUANTIZE_DATASET = "quantize.imatrix.dataset"
 KEY_QUANTIZE_N_ENTRIES = "quantize.imatrix.entries_count"
 KEY_QUANTIZE_N_CHUNKS = "quantize.imatrix.chunks_count"
-QUANTIZE_KEYS = (KEY_QUANTIZE_FILE, KEY_QUANTIZE_DATASET, KEY_QUANTIZE_N_ENTRIES, KEY_QUANTIZE_N_CHUNKS)
 # llama-quantize passes its strings in a llama_model_kv_override, whose val_str holds 127 bytes and a NUL
 _KV_OVERRIDE_STR_BYTES = 127
 
