@@ -16,7 +16,7 @@ from llmquant.models.architectures import find_architecture, plan_tensors
 from llmquant.models.config import read_config
 from llmquant.models.safetensors_io import open_weights
 from llmquant.pipeline.calibrated import layer_quantizer_for, quantize_with_method
-from llmquant.pipeline.quantize import quantize_model, supported_file_types
+from llmquant.pipeline.quantize import format_results, quantize_model, supported_file_types
 from tests.models.llama_cpp_run import llama_cpp_logits, load_llama_cpp
 from tests.models.tiny_models import build_tiny
 from tests.pipeline.test_quantize import tensors_of
@@ -108,7 +108,8 @@ def test_every_method_keeps_llama_quantizes_types_and_size(tiny_llama_files):
     rtn = tensors_of(tiny_llama_files["rtn"].path)
     for method in ("gptq", "awq", "awq+gptq"):
         result = tiny_llama_files[method]
-        assert result.n_bytes == tiny_llama_files["rtn"].n_bytes
+        # the same tensor bytes; the file holds one key more, the method's (quantize.llmquant.method)
+        assert result.tensor_bytes == tiny_llama_files["rtn"].tensor_bytes
         ours = tensors_of(result.path)
         assert {n: (t, a.shape) for n, (t, a) in ours.items()} == {n: (t, a.shape) for n, (t, a) in rtn.items()}
         changed = [n for n in ours if not np.array_equal(ours[n][1], rtn[n][1])]
@@ -117,7 +118,7 @@ def test_every_method_keeps_llama_quantizes_types_and_size(tiny_llama_files):
         assert result.method.method == method and result.method.n_tokens == 4 * 128
         assert len(result.method.layer_errors) == 2 and not result.method.plain
         # the importance vectors come from the method's own layer-by-layer pass, not a whole-model imatrix run
-        assert result.imatrix == f"gathered by {method} from builtin"
+        assert result.imatrix.startswith(f"gathered by {method} from builtin (")
         assert set(result.method.importance) >= {n for n in ours if n.startswith("blk.") and "norm" not in n}
 
 
@@ -190,7 +191,7 @@ def test_a_moe_method_file_runs_in_llama_cpp(test_cache, tmp_path):
                          calib_ctx=64)[0]
     ours = quantize_model(folder, tmp_path / "ours.gguf", "Q4_0", calib=["builtin"], calib_chunks=2, calib_ctx=64,
                           method="awq+gptq")[0]
-    assert ours.n_bytes == rtn.n_bytes
+    assert ours.tensor_bytes == rtn.tensor_bytes
     assert any("_exps" in n for n in ours.method.tensors)
     logits = llama_cpp_logits(load_llama_cpp(ours.path, n_ctx=64), list(range(5, 30)))
     assert np.isfinite(logits).all()
@@ -248,8 +249,39 @@ def every_file_type(tiny_llama_hf, tmp_path_factory):
 @pytest.mark.parametrize("file_type", supported_file_types())
 def test_every_file_type_works_with_a_method_at_llama_quantizes_size(file_type, every_file_type):
     rtn, ours = every_file_type[file_type]
-    assert ours.n_bytes == rtn.n_bytes and ours.type_counts == rtn.type_counts
+    assert ours.tensor_bytes == rtn.tensor_bytes and ours.type_counts == rtn.type_counts
     block_types = [t for t in ours.type_counts if FORMATS[t].block_size > 1]
     assert bool(ours.method.tensors) == bool(block_types)
     logits = llama_cpp_logits(load_llama_cpp(ours.path, n_ctx=64), list(range(5, 20)))
     assert np.isfinite(logits).all()
+
+
+def test_calibration_is_recorded_in_the_file_as_llama_quantizes_keys_name_it(tiny_llama_files):
+    """--calib: quantize.imatrix.dataset names the sources (as an imatrix file records them), chunks_count the
+    chunks used, entries_count the matrices it weighed (each decoder linear: 7 per layer); no file key, there is
+    no file. A method's own pass records the same, and the summary line says it."""
+    from llmquant.calibration.builtin import BUILTIN_NAME
+    from llmquant.gguf_io.header import read_gguf_header
+
+    linear = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight")
+    n_matrices = len([t for t in read_gguf_header(tiny_llama_files["rtn"].path).tensors if linear.fullmatch(t.name)])
+    assert n_matrices == 14
+    for method, result in tiny_llama_files.items():
+        found = read_gguf_header(result.path).metadata
+        assert {k: v for k, v in found.items() if k.startswith("quantize.imatrix.")} == {
+            "quantize.imatrix.dataset": BUILTIN_NAME, "quantize.imatrix.entries_count": n_matrices,
+            "quantize.imatrix.chunks_count": 4}, method
+        assert list(found)[list(found).index("general.file_type") + 1] == "quantize.imatrix.dataset"
+        assert result.imatrix.endswith(f"from builtin ({BUILTIN_NAME}, 4 chunks of 128 tokens, {n_matrices} entries)")
+    assert "importance matrix: computed from builtin (" in format_results([tiny_llama_files["rtn"]])
+
+
+def test_a_method_and_its_settings_are_recorded_in_the_file(tiny_llama_files):
+    from llmquant.gguf_io.header import read_gguf_header
+    from llmquant.pipeline.calibrated import METHOD_KEY, describe_method
+
+    recorded = {method: read_gguf_header(r.path).metadata.get(METHOD_KEY) for method, r in tiny_llama_files.items()}
+    assert recorded == {"rtn": None, "gptq": "gptq damp=0.01 act_order=false", "awq": "awq",
+                        "awq+gptq": "awq+gptq damp=0.01 act_order=false"}
+    assert describe_method("GPTQ", damp=0.1, act_order=True) == "gptq damp=0.1 act_order=true"
+    assert METHOD_KEY.startswith("quantize.") and not METHOD_KEY.startswith("quantize.imatrix.")

@@ -116,3 +116,23 @@ def test_inspect_corrupt_header_is_a_one_line_error(smollm2_gguf: Path, tmp_path
         f.seek(8)
         f.write(b"\xff" * 16)  # absurd tensor and key counts
     _assert_one_line_error(_run_cli_process("inspect", str(corrupt)), corrupt)
+
+
+def test_inspect_shows_where_llama_quantizes_imatrix_came_from(test_cache: Path, smollm2_f32_gguf: Path,
+                                                              tmp_path: Path):
+    from llmquant.gguf_io.imatrix import write_imatrix_gguf
+    from llmquant.oracles.llama_quantize import llama_quantize
+    from tests.oracles.test_llama_quantize_oracle import imatrix_of, tiny_model
+
+    model = tiny_model(test_cache, smollm2_f32_gguf)
+    data = imatrix_of(model, ["wiki.train.raw"], chunk_count=7)
+    imatrix_file = write_imatrix_gguf(tmp_path / "imatrix.gguf", data)
+    out = llama_quantize(model, tmp_path / "q.gguf", "Q8_0", imatrix_file=imatrix_file).output
+    result = run_cli("inspect", str(out), "--no-tensors")
+    assert result.exit_code == 0, result.output
+    shown = {line.split()[0]: line.split(maxsplit=1)[1] for line in result.output.splitlines()
+             if line.strip().startswith("quantize.")}
+    assert shown == {"quantize.imatrix.file": str(imatrix_file), "quantize.imatrix.dataset": "wiki.train.raw",
+                     "quantize.imatrix.entries_count": str(len(data.entries)), "quantize.imatrix.chunks_count": "7"}
+    report = json.loads(run_cli("inspect", str(out), "--json", "--no-tensors").output)
+    assert report["metadata"]["quantize.imatrix.chunks_count"] == 7

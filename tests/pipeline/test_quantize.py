@@ -1,7 +1,8 @@
 """`llmquant quantize` against llama.cpp's own quantizer (llama_model_quantize) as the oracle.
 
 For each file type: the same tensor types, the same file size, and (with the same importance matrix) at least
-99% of every tensor's blocks byte-identical. All types run on a tiny model with k-quant-friendly widths;
+99% of every tensor's blocks byte-identical; with an imatrix file, the whole file as `llama-quantize --imatrix`
+writes it. All types run on a tiny model with k-quant-friendly widths;
 a representative set runs on the real SmolLM2 model (hidden 576: the fallbacks).
 """
 
@@ -87,7 +88,7 @@ def quantize_both(src: Path, tmp_path: Path, file_type: str, imatrix: dict[str, 
     ours = quantize_model(src, tmp_path / f"ours-{file_type}.gguf", file_type, imatrix_file=imatrix_file,
                           options=options, threads=threads)[0].path
     options = options or MixOptions()
-    theirs = llama_quantize(src, tmp_path / f"llama-{file_type}.gguf", file_type, imatrix=imatrix,
+    theirs = llama_quantize(src, tmp_path / f"llama-{file_type}.gguf", file_type, imatrix_file=imatrix_file,
                             pure=options.pure, output_tensor_type=options.output_tensor_type,
                             token_embedding_type=options.token_embedding_type, tensor_types=options.tensor_types,
                             leave_output_tensor=options.leave_output_tensor).output
@@ -98,6 +99,7 @@ def quantize_both(src: Path, tmp_path: Path, file_type: str, imatrix: dict[str, 
 def test_every_type_matches_llama_cpp_on_a_tiny_model_with_an_imatrix(file_type, tiny_gguf, tmp_path):
     ours, theirs = quantize_both(tiny_gguf, tmp_path, file_type, random_imatrix(tiny_gguf))
     assert_same_as_llama_cpp(ours, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()  # the whole file, the quantize.imatrix.* keys included
 
 
 @pytest.mark.parametrize("file_type", ["Q4_K_M", "Q5_0", "IQ4_NL", "Q3_K_L"])
@@ -110,6 +112,7 @@ def test_types_match_llama_cpp_without_an_imatrix(file_type, tiny_gguf, tmp_path
 def test_smollm2_matches_llama_cpp(file_type, smollm2_f32_gguf, tmp_path):
     ours, theirs = quantize_both(smollm2_f32_gguf, tmp_path, file_type, random_imatrix(smollm2_f32_gguf))
     assert_same_as_llama_cpp(ours, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()  # the whole file, the quantize.imatrix.* keys included
 
 
 @pytest.mark.parametrize("file_type", ["Q4_K_M", "IQ4_XS"])

@@ -30,6 +30,13 @@ KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
 GGUF_MAGIC = b"GGUF"
+# what llama-quantize records of the imatrix in every file it quantizes with one (tools/quantize/quantize.cpp)
+KEY_QUANTIZE_FILE = "quantize.imatrix.file"
+KEY_QUANTIZE_DATASET = "quantize.imatrix.dataset"
+KEY_QUANTIZE_N_ENTRIES = "quantize.imatrix.entries_count"
+KEY_QUANTIZE_N_CHUNKS = "quantize.imatrix.chunks_count"
+# llama-quantize passes its strings in a llama_model_kv_override, whose val_str holds 127 bytes and a NUL
+_KV_OVERRIDE_STR_BYTES = 127
 
 
 @dataclass
@@ -61,6 +68,55 @@ class ImatrixData:
     chunk_count: int = 0
     chunk_size: int = 0
     is_legacy: bool = False
+
+
+@dataclass(frozen=True)
+class ImatrixProvenance:
+    """Where a quantized file's importance matrix came from: the ``quantize.imatrix.*`` keys of the file.
+
+    ``file`` and ``dataset`` are the bytes written (None: the key is absent); ``n_chunks`` is written only when
+    positive, as llama-quantize writes it."""
+
+    file: bytes | None
+    dataset: bytes | None
+    n_entries: int
+    n_chunks: int
+
+    def metadata(self) -> list[tuple[str, bytes | int]]:
+        """The keys in llama-quantize's order; strings as bytes, counts as llama_model_quantize writes them (u32)."""
+        keys: list[tuple[str, bytes | int]] = []
+        if self.file is not None:
+            keys.append((KEY_QUANTIZE_FILE, self.file))
+        if self.dataset is not None:
+            keys.append((KEY_QUANTIZE_DATASET, self.dataset))
+        keys.append((KEY_QUANTIZE_N_ENTRIES, self.n_entries))
+        if self.n_chunks > 0:
+            keys.append((KEY_QUANTIZE_N_CHUNKS, self.n_chunks))
+        return keys
+
+    def describe(self, chunk_tokens: int | None = None) -> str:
+        """``wiki.txt, 100 chunks of 512 tokens, 210 entries``: the dataset and counts, for a summary line."""
+        parts = [self.dataset.decode("utf-8", "replace")] if self.dataset else []
+        if self.n_chunks > 0:
+            of = f" of {chunk_tokens} tokens" if chunk_tokens else ""
+            parts.append(f"{self.n_chunks} chunk" + ("" if self.n_chunks == 1 else "s") + of)
+        parts.append(f"{self.n_entries} entr" + ("y" if self.n_entries == 1 else "ies"))
+        return ", ".join(parts)
+
+
+def provenance_of_file(path_as_given: str, data: ImatrixData) -> ImatrixProvenance:
+    """What ``llama-quantize --imatrix path_as_given`` writes of ``data`` (quantize.cpp's main): the path as
+    typed and the first recorded dataset, each cut to 127 bytes; every entry of the file counted; its chunk
+    count (only when positive)."""
+    dataset = data.datasets[0].encode()[:_KV_OVERRIDE_STR_BYTES] if data.datasets else None
+    chunks = data.chunk_count if data.chunk_count < 1 << 31 else 0  # llama-quantize holds it in an int
+    return ImatrixProvenance(os.fsencode(path_as_given)[:_KV_OVERRIDE_STR_BYTES], dataset, len(data.entries),
+                             chunks)
+
+
+def provenance_of_calibration(datasets: Sequence[str], n_entries: int, n_chunks: int) -> ImatrixProvenance:
+    """An importance matrix computed on the fly (``--calib``): no file; every source named, in order."""
+    return ImatrixProvenance(None, ", ".join(datasets).encode(), n_entries, n_chunks)
 
 
 def write_imatrix_gguf(path: str | os.PathLike, data: ImatrixData) -> Path:

@@ -89,6 +89,10 @@ class StreamingGGUFWriter:
         vtype = gguf.GGUFValueType(int.from_bytes(encoded[:4], "little"))
         self.writer.add_key_value(key, _Encoded(encoded), vtype)
 
+    def add_string_bytes(self, key: str, value: bytes) -> None:
+        """A string value given as its bytes, written as they are (a C string cut mid-character stays cut)."""
+        self.add_raw(key, struct.pack("<IQ", gguf.GGUFValueType.STRING, len(value)) + value)
+
     def declare(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> None:
         nbytes = tensor_nbytes(shape, qtype)
         # GGUFWriter stores shapes as given for raw types; it reverses them into ggml order itself

@@ -38,6 +38,8 @@ from llmquant.models.config import read_config
 from llmquant.models.safetensors_io import open_weights
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+# the file's record of the method and its settings: under llama-quantize's "quantize." keys, in a name of ours
+METHOD_KEY = "quantize.llmquant.method"
 
 # AWQ: where each group's 1/s goes, by the group's first linear (module names inside a decoder layer)
 _NORM_BEFORE = {
@@ -78,6 +80,15 @@ def parse_method(method: str) -> str:
     if name not in METHODS:
         raise InputError(f"--method {method}: choose from {', '.join(METHODS)}")
     return name
+
+
+def describe_method(method: str, damp: float = 0.01, act_order: bool = False) -> str:
+    """``awq+gptq damp=0.01 act_order=false``: the method and the settings it used (GPTQ's; AWQ takes none), as the
+    file records it under METHOD_KEY."""
+    method = parse_method(method)
+    if "gptq" not in method:
+        return method
+    return f"{method} damp={damp:g} act_order={str(bool(act_order)).lower()}"
 
 
 def quantize_with_method(folder: Path, method: str, tensor_types: Mapping[str, str], token_ids: torch.Tensor, *,

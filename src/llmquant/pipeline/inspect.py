@@ -8,6 +8,9 @@ import os
 from llmquant.gguf_io.reader import GGUFSummary, summarize_gguf
 from llmquant.models.demo import resolve_gguf
 
+# the keys a quantizer writes about how it made the file (llama-quantize's quantize.imatrix.*, and ours)
+QUANTIZE_PREFIX = "quantize."
+
 
 def inspect_gguf(name_or_path: str | os.PathLike) -> GGUFSummary:
     return summarize_gguf(resolve_gguf(name_or_path))
@@ -21,12 +24,24 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def made_with(summary: GGUFSummary) -> dict[str, object]:
+    """The ``quantize.*`` keys, under their own names: llama-quantize's ``quantize.imatrix.file``, ``.dataset``,
+    ``.entries_count``, ``.chunks_count`` (where the importance matrix came from) and ours
+    (``quantize.llmquant.method``)."""
+    return {key: value for key, value in summary.metadata.items() if key.startswith(QUANTIZE_PREFIX)}
+
+
 def format_summary(summary: GGUFSummary, show_tensors: bool = True) -> str:
     lines = [f"{summary.path}  ({human_bytes(summary.file_size)}, GGUF v{summary.version})", ""]
     width = max(len(k) for k in summary.key_metadata)
     for key, value in summary.key_metadata.items():
         if value is not None:
             lines.append(f"  {key:<{width}}  {value}")
+    made = made_with(summary)
+    if made:
+        lines += ["", "  how it was quantized:"]
+        made_width = max(len(k) for k in made)
+        lines += [f"  {key:<{made_width}}  {value}" for key, value in made.items()]
     if show_tensors:
         name_w = max((len(t.name) for t in summary.tensors), default=4)
         shape_w = max((len(" x ".join(map(str, t.shape))) for t in summary.tensors), default=5)

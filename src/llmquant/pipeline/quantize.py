@@ -59,6 +59,7 @@ class QuantizeResult:
     fallbacks: int = 0
     unweighted: list[str] = field(default_factory=list)  # quantized tensors the imatrix had no entry for
     method: Any = None  # pipeline.calibrated.MethodResult, when a calibrated method made the linears
+    recorded: dict[str, str | int] = field(default_factory=dict)  # the keys saying how the file was made
 
     @property
     def bits_per_weight(self) -> float:
@@ -68,7 +69,8 @@ class QuantizeResult:
         return {"path": str(self.path), "file_type": self.file_type, "bytes": self.n_bytes,
                 "bits_per_weight": self.bits_per_weight, "tensor_types": self.type_counts, "seconds": self.seconds,
                 "imatrix": self.imatrix, "fallbacks": self.fallbacks, "unweighted": self.unweighted,
-                "method": self.method.to_json() if self.method is not None else {"method": "rtn"}}
+                "method": self.method.to_json() if self.method is not None else {"method": "rtn"},
+                "recorded": self.recorded}
 
 
 def supported_file_types() -> list[str]:
@@ -153,16 +155,25 @@ def _n_dims(shape: Sequence[int]) -> int:
     return len(dims)
 
 
-def _copy_metadata(writer: StreamingGGUFWriter, source: GGUFSource, ft: FileType) -> None:
-    """The input's KV pairs as llama-quantize copies them, with the quantization version and file type set."""
+def _copy_metadata(writer: StreamingGGUFWriter, source: GGUFSource, ft: FileType,
+                   extra: Sequence[tuple[str, bytes | int]] = ()) -> None:
+    """The input's KV pairs as llama-quantize copies them, with the quantization version and file type set, then
+    ``extra`` as llama_model_quantize sets its kv_overrides: each after the rest, replacing a copied key of its
+    name; strings given as bytes, counts written as u32."""
+    replaced = {key for key, _ in extra}
     for key in source.metadata:
-        if key == "general.architecture" or key in _DROPPED_KEYS:
+        if key == "general.architecture" or key in _DROPPED_KEYS or key in replaced:
             continue
         if key in ("general.quantization_version", "general.file_type"):
             continue
         writer.add_raw(key, source.header.raw_values[key])
     writer.writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
     writer.writer.add_uint32("general.file_type", ft.ftype)
+    for key, value in extra:
+        if isinstance(value, bytes):
+            writer.add_string_bytes(key, value)
+        else:
+            writer.writer.add_uint32(key, abs(int(value)))
 
 
 def _importance_for(name: str, shape: tuple[int, ...], imatrix: Mapping[str, np.ndarray] | None) -> Any:
@@ -307,11 +318,13 @@ def quantize_gguf(
     threads: int | None = None,
     tensors: Mapping[str, np.ndarray] | None = None,
     plan: MixPlan | None = None,
+    metadata: Sequence[tuple[str, bytes | int]] = (),
 ) -> QuantizeResult:
     """Write ``source`` as file type ``ft`` to ``output`` (under a temporary name until complete).
 
     ``tensors``: GGUF name -> bytes already made for the file (by a calibrated method), written as they are in
-    place of quantizing the source's tensor; ``plan``: the mix, when the caller has already planned it."""
+    place of quantizing the source's tensor; ``plan``: the mix, when the caller has already planned it;
+    ``metadata``: keys set after the copied ones, as llama-quantize's kv overrides (``quantize.imatrix.*``)."""
     start = time.perf_counter()
     plan = plan or plan_file_type(source, ft, options, has_imatrix=imatrix is not None)
     tensors = tensors or {}
@@ -341,7 +354,7 @@ def quantize_gguf(
         for name, type_name in plan.types.items():
             numpy_shape = tuple(reversed(source.tensor(name).shape))
             writer.declare(name, numpy_shape, GGMLQuantizationType[type_name])
-        _copy_metadata(writer, source, ft)
+        _copy_metadata(writer, source, ft, metadata)
         writer.begin()
         bar = _progress_bar(n_weights, ft.name, progress)
         # parts are quantized in order by the workers, a bounded number ahead of the one being written
@@ -400,6 +413,8 @@ def quantize_gguf(
         imatrix=imatrix_name,
         fallbacks=len(plan.fallbacks),
         unweighted=unweighted,
+        recorded={key: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+                  for key, value in metadata},
     )
 
 
@@ -478,13 +493,17 @@ def quantize_model(
 
     imatrix: dict[str, np.ndarray] | None = None
     imatrix_name: str | None = None
+    provenance: Any = None  # gguf_io.imatrix.ImatrixProvenance: the quantize.imatrix.* keys
     if imatrix_file:
-        from llmquant.gguf_io.imatrix import load_importance
+        from llmquant.gguf_io.imatrix import importance_vectors, provenance_of_file, read_imatrix
 
         path = Path(imatrix_file)
         if not path.is_file():
             raise InputError(f"{path}: no such imatrix file")
-        imatrix, imatrix_name = load_importance(path), str(path)
+        data = read_imatrix(path)
+        # the path as given, as llama-quantize records it (a Path's str normalises "./x" to "x")
+        imatrix, provenance = importance_vectors(data), provenance_of_file(str(imatrix_file), data)
+        imatrix_name = f"{imatrix_file} ({provenance.describe(data.chunk_size)})"
 
     # scratch space (the converted source, an on-the-fly imatrix) beside the outputs, not in a small /tmp
     scratch_parent = next(iter(targets.values())).parent
@@ -511,10 +530,11 @@ def quantize_model(
                 run = run_imatrix(model_path, list(calib), output=workdir / "imatrix.gguf", n_ctx=calib_ctx,
                                   allow_pickle=allow_pickle,
                                   n_chunks=calib_chunks, device=device, progress=progress)
-                from llmquant.gguf_io.imatrix import importance_vectors
+                from llmquant.gguf_io.imatrix import importance_vectors, provenance_of_calibration
 
                 imatrix = importance_vectors(run.data)
-                imatrix_name = f"computed from {', '.join(calib)}"
+                provenance = provenance_of_calibration(run.data.datasets, len(run.data.entries), run.n_chunks)
+                imatrix_name = f"computed from {', '.join(calib)} ({provenance.describe(calib_ctx)})"
         else:
             raise InputError(f"{model_path}: not a GGUF file or a Hugging Face model folder")
 
@@ -524,27 +544,35 @@ def quantize_model(
             raise InputError(f"{source_path}: holds {sorted(src_types - set(SOURCE_TYPES))} tensors; "
                              "give an F32, F16 or BF16 model")
         # the calibration chunks, tokenized once for every file type's method run
-        token_ids = _calibration_tokens(model_path, calib, calib_ctx, calib_chunks) if method != "rtn" else None
+        token_ids, calib_names = None, []
+        if method != "rtn":
+            token_ids, calib_names = _calibration_tokens(model_path, calib, calib_ctx, calib_chunks)
         results = []
         for ft in file_types:
             target = targets[ft.name]
             plan = plan_file_type(source, ft, options, has_imatrix=imatrix is not None or method != "rtn")
             made = None
             ft_imatrix, ft_imatrix_name = imatrix, imatrix_name
+            metadata = provenance.metadata() if provenance is not None else []
             # a method's bytes wait in a scratch file, not in memory, until the file is written
             store = SpilledBytes(workdir / f"{ft.name}.tensors") if method != "rtn" else None
             try:
                 if store is not None:
-                    from llmquant.pipeline.calibrated import quantize_with_method
+                    from llmquant.gguf_io.imatrix import provenance_of_calibration
+                    from llmquant.pipeline.calibrated import METHOD_KEY, describe_method, quantize_with_method
 
                     log(f"{ft.name}: {method} on {', '.join(calib)}, layer by layer")
                     made = quantize_with_method(model_path, method, plan.types, token_ids, device=device,
                                                 damp=damp, act_order=act_order, progress=progress, store=store,
                                                 allow_pickle=allow_pickle)
-                    ft_imatrix, ft_imatrix_name = made.importance, f"gathered by {method} from {', '.join(calib)}"
+                    gathered = provenance_of_calibration(calib_names, len(made.importance), int(token_ids.shape[0]))
+                    ft_imatrix = made.importance
+                    ft_imatrix_name = (f"gathered by {method} from {', '.join(calib)} "
+                                       f"({gathered.describe(calib_ctx)})")
+                    metadata = [*gathered.metadata(), (METHOD_KEY, describe_method(method, damp, act_order).encode())]
                 result = quantize_gguf(source, target, ft, imatrix=ft_imatrix, imatrix_name=ft_imatrix_name,
                                        options=options, device=device, progress=progress, threads=threads,
-                                       tensors=made.tensors if made else None, plan=plan)
+                                       tensors=made.tensors if made else None, plan=plan, metadata=metadata)
             finally:
                 if store is not None:
                     store.close()
@@ -557,11 +585,15 @@ def quantize_model(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _calibration_tokens(folder: Path, calib: Sequence[str], n_ctx: int, n_chunks: int | None) -> torch.Tensor:
+def _calibration_tokens(folder: Path, calib: Sequence[str], n_ctx: int,
+                        n_chunks: int | None) -> tuple[torch.Tensor, list[str]]:
+    """The calibration chunks' token ids ``[n_chunks, n_ctx]`` and the sources' names (as an imatrix records them)."""
     from llmquant.calibration.chunking import chunk_text, load_tokenizer
     from llmquant.calibration.sources import join_sources, load_text_sources
 
-    return chunk_text(load_tokenizer(folder), join_sources(load_text_sources(list(calib))), n_ctx, n_chunks).token_ids
+    sources = load_text_sources(list(calib))
+    chunks = chunk_text(load_tokenizer(folder), join_sources(sources), n_ctx, n_chunks)
+    return chunks.token_ids, [source.name for source in sources]
 
 
 def _output_paths(output: Path, as_folder: bool, file_types: Sequence[FileType], model: str | os.PathLike,
