@@ -239,3 +239,18 @@ def test_gptq_rejects_a_hessian_of_the_wrong_size(case):
     weights, _, H = case
     with pytest.raises(ValueError, match="H has shape"):
         gptq_quantize(weights, H[:256, :256], "Q4_K")
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_input_scale_is_gptq_under_the_scaled_hessian(act_order):
+    """AWQ's case: the weight is W·diag(s) for inputs x/s; ``input_scale=s`` with the unscaled H is GPTQ under
+    H_ij / (s_i s_j), computed in GPTQ's own working copy rather than passed in as a second one."""
+    weights, x = _weights(), _inputs()
+    s = torch.rand(COLUMNS, generator=torch.Generator().manual_seed(5)) + 0.5
+    scaled_weights, H = weights * s, hessian(x)
+    importance = (x / s).square().mean(0)
+    given = gptq_quantize(scaled_weights, H, "Q4_K", act_order=act_order, importance=importance, input_scale=s)
+    scaled_H = H / (s.double()[:, None] * s.double()[None, :])
+    explicit = gptq_quantize(scaled_weights, scaled_H, "Q4_K", act_order=act_order, importance=importance)
+    assert torch.equal(given.data, explicit.data) and torch.equal(given.weight, explicit.weight)
+    assert given.proxy_error == pytest.approx(explicit.proxy_error, rel=1e-6)

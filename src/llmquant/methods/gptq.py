@@ -59,7 +59,7 @@ class GPTQResult(NamedTuple):
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, type_name: str, *, damp: float = 0.01,
                   block_columns: int = 128, act_order: bool = False,
-                  importance: torch.Tensor | None = None) -> GPTQResult:
+                  importance: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> GPTQResult:
     """GPTQ of ``weight`` ``[out, in]`` onto the block format ``type_name`` under the Hessian ``H`` ``[in, in]``.
 
     ``damp``: the dampening λ = damp · mean(diag H) added to H's diagonal (the paper's 1%).
@@ -69,6 +69,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, type_name: str, *, damp
     then chosen beforehand from the original weights (as plain rounding would choose them).
     ``importance``: one weight per input column for ggml's parameter search (default: diag of the undamped H,
     llama.cpp's imatrix up to a constant factor).
+    ``input_scale``: AWQ's s, when ``weight`` is W·diag(s) for the inputs x/s and ``H`` the unscaled inputs'
+    XᵀX: GPTQ then works with diag(1/s) H diag(1/s) (scaled in its own copy of H, not in a second one).
     """
     fmt = get_format(type_name)
     if fmt.block_size <= 1:
@@ -93,7 +95,11 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, type_name: str, *, damp
         raise ValueError(f"GPTQ: importance has {importance.numel()} values, rows have {in_features} columns")
 
     W = original.clone()
-    H_work = H.clone()
+    H_work = H.clone()  # the one working copy: scaled, permuted and factored in place
+    if input_scale is not None:
+        s = input_scale.detach().to(device, torch.float64).reshape(-1)
+        for start in range(0, in_features, 256):  # H_ij / (s_i s_j), a band of rows at a time
+            H_work[start:start + 256] /= s[start:start + 256, None] * s[None, :]
     # dead inputs (always zero in the calibration data): their weights cannot matter; as the reference, give
     # them H_jj = 1 so H stays invertible and zero their weights
     dead = H_work.diagonal() == 0
@@ -108,16 +114,22 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, type_name: str, *, damp
         params, grid = _static_params(fmt, W, importance)
         order = torch.argsort(H_work.diagonal(), descending=True)
         grid = Grid(grid.scale[:, order], None if grid.offset is None else grid.offset[:, order], grid.values)
-        Hinv = _inverse_hessian_factor(H_work[order][:, order], damp).to(torch.float32)
+        H_work = H_work[order[:, None], order[None, :]]
+        Hinv = _float32_column_major(_inverse_hessian_factor(H_work, damp))
+        del H_work
         sweep = _sweep(fmt, W[:, order], Hinv, importance, grid, lazy_batch)
         inverse = torch.argsort(order)  # back to the columns' own order
         Q, levels = sweep.quantized[:, inverse], sweep.levels[:, inverse]
     else:
-        Hinv = _inverse_hessian_factor(H_work, damp).to(torch.float32)
+        Hinv = _float32_column_major(_inverse_hessian_factor(H_work, damp))
+        del H_work
         sweep = _sweep(fmt, W, Hinv, importance, None, lazy_batch)
         params, Q, levels = sweep.params, sweep.quantized, sweep.levels
 
     data = fmt.pack(levels.reshape(-1, fmt.block_size), params).reshape(out_features, -1)
+    if input_scale is not None:  # tr(ΔW H_s ΔWᵀ) = tr((ΔW/s) H (ΔW/s)ᵀ): no scaled H needed
+        s = input_scale.detach().to(device, torch.float32).reshape(1, -1)
+        return GPTQResult(data=data, weight=Q, proxy_error=output_error(original / s, Q / s, H))
     return GPTQResult(data=data, weight=Q, proxy_error=output_error(original, Q, H))
 
 
@@ -135,17 +147,28 @@ def _lazy_batch(block_columns: int, block_size: int) -> int:
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     """The upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H) (Algorithm 1's H⁻¹ ← Cholesky(H⁻¹)ᵀ).
-    Row j of U, from j on, is how column j's rounding error is spread over the columns after it."""
-    H = H.clone()
+    Row j of U, from j on, is how column j's rounding error is spread over the columns after it.
+    Computed in ``H``'s own memory (LAPACK's factorizations work in place): H is overwritten by U and returned,
+    so a large layer's Hessian is never held twice."""
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     H.diagonal().add_(damp * float(H.diagonal().mean()))
-    L, info = torch.linalg.cholesky_ex(H)
+    torch.linalg.cholesky_ex(H, out=(H, info))
     if int(info) != 0:
         raise LlmquantError(f"GPTQ: the dampened Hessian is not positive definite (damp={damp}); "
                             "use a larger damp or more calibration tokens")
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    torch.cholesky_inverse(H, out=H)
+    torch.linalg.cholesky_ex(H, upper=True, out=(H, info))
     if int(info) != 0:
         raise LlmquantError(f"GPTQ: the inverse Hessian is not positive definite (damp={damp}); use a larger damp")
-    return U
+    return H
+
+
+def _float32_column_major(U: torch.Tensor) -> torch.Tensor:
+    """U as float32 in column-major layout, the layout torch's own upper Cholesky factor comes in: the sweep's
+    float32 products (and so which near-ties round which way) depend on the layout, and GPTQ was measured with
+    this one."""
+    n = U.shape[0]
+    return torch.empty_strided((n, n), (1, n), dtype=torch.float32, device=U.device).copy_(U)
 
 
 def _search_arguments(fmt: BlockFormat, W: torch.Tensor, start: int, stop: int,

@@ -181,7 +181,9 @@ class LayerQuantizer:
         with torch.no_grad():
             for names, stats in zip(inputs.groups, inputs.statistics, strict=True):
                 for name in names:
-                    self._quantize_linear(layer, name, stats, scales.get(name), originals[name])
+                    # each original goes as soon as its linear is done: a layer's worth of copies is not held
+                    self._quantize_linear(layer, name, stats, scales.get(name), originals.pop(name))
+                stats.xtx = None  # nor every group's Hessian while the last (ffn_down's, the largest) is worked on
             self._finish_experts(layer, inputs)
         self.record_importance(inputs)
         self.layer_errors.append((self.layer_error, self.layer_error_rtn))
@@ -361,9 +363,8 @@ class LayerQuantizer:
             return  # float types are converted as they are; a reshaped tensor is left to plain rounding
         importance = stats.mean_squares if s is None else stats.mean_squares / s.square()
         if "gptq" in self.method:
-            H = stats.xtx if s is None else stats.xtx / (s.double()[:, None] * s.double()[None, :])
-            result = gptq_quantize(weight, H, type_name, damp=self.damp, act_order=self.act_order,
-                                   importance=importance)
+            result = gptq_quantize(weight, stats.xtx, type_name, damp=self.damp, act_order=self.act_order,
+                                   importance=importance, input_scale=s)
             data, rounded = np.asarray(result.data.cpu()), result.weight.float()
         else:
             data = quantize(weight, type_name, imatrix=importance.cpu().numpy())
