@@ -374,7 +374,8 @@ def make_qp_quants(x, weights, levels, max_level):
     scale = f32(1.0) / iscale
     best_mse = f32(0.0)
     for i in range(n):
-        diff = x[i] - scale * f32(nearest_int(iscale * x[i]))
+        levels[i] = nearest_int(iscale * x[i])  # read back as C reads L[i]: a negative x wraps in a uint8 L
+        diff = x[i] - scale * f32(levels[i])
         best_mse += weights[i] * diff * diff
     for step in range(-4, 5):
         if step == 0:
@@ -424,3 +425,104 @@ def sequential_sum_of_squares(x):
     for i in range(x.shape[0]):
         total += x[i] * x[i]
     return total
+
+
+# ---- the low-bit i-quants' codeword searches (IQ2_*, IQ3_*), over any grid of iq_grids.CodewordGrid ----
+
+_FLT_MAX = f32(3.4028234663852886e38)
+
+
+@kernel
+def nearest_neighbour_codeword(neighbours, start, positions, xval, weight, scale, levels):
+    """ggml's iq2_find_best_neighbour / iq3_find_best_neighbour on any grid: among the neighbour list at
+    ``neighbours[start]`` (a count, then codeword indices), the codeword of least ``Σ weight·(scale·p - x)²``
+    (the first of equal ones). Writes its level indices into ``levels``; returns its index."""
+    best_d2 = _FLT_MAX
+    best = -1
+    for j in range(1, neighbours[start] + 1):
+        index = neighbours[start + j]
+        d2 = f32(0.0)
+        for i in range(xval.shape[0]):
+            diff = scale * f32(positions[index, i]) - xval[i]
+            d2 += weight[i] * diff * diff
+        if d2 < best_d2:
+            best_d2 = d2
+            best = index
+    for i in range(xval.shape[0]):
+        levels[i] = (positions[best, i] - 1) // 2
+    return best
+
+
+@kernel
+def codeword_of(xval, inverse_scale, scale, weight, max_level, bits, index_map, neighbours, positions, levels):
+    """One codeword of the i-quants' searches: each |x| rounded to its level ``nearest_int(0.5·(x/scale - 1))``
+    in [0, max_level); the pattern's codeword where it is one, else its best neighbour under ``scale``.
+    Writes ``levels``; returns (codeword index, whether the rounded pattern was on the grid)."""
+    pattern = 0
+    for i in range(xval.shape[0]):
+        level = max(0, min(max_level - 1, nearest_int(f32(0.5) * (inverse_scale * xval[i] - f32(1.0)))))
+        levels[i] = level
+        pattern |= level << (bits * i)
+    index = index_map[pattern]
+    if index >= 0:
+        return index, True
+    return nearest_neighbour_codeword(neighbours, -index - 1, positions, xval, weight, scale, levels), False
+
+
+@kernel
+def codeword_fit(xval, weight, levels):
+    """(Σ w·x·q, Σ w·q²) of the odd positions q = 2l + 1, summed in ggml's order."""
+    sum_qx = f32(0.0)
+    sum_q2 = f32(0.0)
+    for i in range(xval.shape[0]):
+        q = f32(2 * levels[i] + 1)
+        sum_qx += weight[i] * xval[i] * q
+        sum_q2 += weight[i] * q * q
+    return sum_qx, sum_q2
+
+
+@kernel
+def codeword_scale_search(xval, weight, waux, reference, scale, n_steps, step, max_level, bits, index_map,
+                          neighbours, positions, on_grid_start, recompute_always, recompute_all, levels):
+    """The scale search shared by quantize_row_iq2_xxs/iq2_xs/iq2_s/iq3_xxs/iq3_s_impl on one sub-block of
+    magnitudes ``xval``: for each inverse scale ``(2·max_level - 1 + is·step)/reference``, is in
+    -n_steps..n_steps, every codeword rounded (``codeword_of``, neighbours weighed by ``waux``), keeping the
+    weighted least-squares scale that fits best; then the codewords once more under the kept scale — always or
+    only where one kept was off the grid, for every codeword or only those — and the scale refitted.
+    ``scale``: the one kept when no candidate fits. Writes ``levels``; returns the scale."""
+    n = xval.shape[0]
+    width = positions.shape[1]
+    n_codewords = n // width
+    trial = np.empty(n, dtype=np.int32)
+    on_grid = np.empty(n_codewords, dtype=np.bool_)
+    trial_on_grid = np.empty(n_codewords, dtype=np.bool_)
+    for k in range(n_codewords):
+        on_grid[k] = on_grid_start
+    best = f32(0.0)
+    for s in range(-n_steps, n_steps + 1):
+        inverse = (f32(2 * max_level - 1) + f32(s) * step) / reference
+        this_scale = f32(1.0) / inverse
+        for k in range(n_codewords):
+            part = slice(width * k, width * (k + 1))
+            _, trial_on_grid[k] = codeword_of(xval[part], inverse, this_scale, waux[part], max_level, bits,
+                                              index_map, neighbours, positions, trial[part])
+        sum_qx, sum_q2 = codeword_fit(xval, weight, trial)
+        if sum_q2 > 0 and sum_qx * sum_qx > best * sum_q2:
+            scale = sum_qx / sum_q2
+            best = scale * sum_qx
+            levels[:] = trial
+            on_grid[:] = trial_on_grid
+    n_off_grid = 0
+    for k in range(n_codewords):
+        n_off_grid += 0 if on_grid[k] else 1
+    if (recompute_always or n_off_grid > 0) and scale > 0:
+        inverse = f32(1.0) / scale
+        for k in range(n_codewords):
+            if recompute_all or not on_grid[k]:
+                part = slice(width * k, width * (k + 1))
+                codeword_of(xval[part], inverse, scale, waux[part], max_level, bits, index_map, neighbours,
+                            positions, levels[part])
+        sum_qx, sum_q2 = codeword_fit(xval, weight, levels)
+        if sum_q2 > 0:
+            scale = sum_qx / sum_q2
+    return scale

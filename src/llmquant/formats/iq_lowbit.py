@@ -1,0 +1,504 @@
+"""llama.cpp's 2- and 3-bit codebook i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S.
+
+Each 256-weight super-block has an fp16 scale and a 4-bit scale per sub-block (16 or 32 weights); the weights
+go by codewords of 8 (IQ2) or 4 (IQ3) magnitudes taken from a grid (``iq_grids``), and one sign per weight
+(IQ2_XXS, IQ2_XS, IQ3_XXS store 7 signs per 8 weights, the 8th making their parity even).
+
+The search is ggml-quants.c's ``quantize_row_iq2_xxs_impl`` … ``quantize_row_iq3_s_impl``, one numba kernel
+for all five (``_codebook_search``, configured by each format's ``CodebookSearch``), around the shared
+codeword search of ``search.codeword_scale_search``; float32 in ggml's order, so the bytes are ggml's.
+
+``levels`` of these formats are one int32 per codeword, ``[n_blocks, 256 / width]``: the codeword index in the
+low 16 bits and the signs of its weights above (bit 16 + i: weight i negative).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from llmquant.formats.base import BlockFormat, fp16_tensor
+from llmquant.formats.iq_grids import CodewordGrid, codeword_grid, sign_table
+from llmquant.formats.legacy import fp16_bytes, fp16_from_bytes
+from llmquant.formats.search import (
+    GROUP_MAX_EPS,
+    codeword_scale_search,
+    f32,
+    fp16_bits,
+    kernel,
+    make_qp_quants,
+    nearest_int,
+    sequential_sum_of_squares,
+)
+
+QK_K = 256
+SIGN_GROUP = 8  # weights per sign byte
+SIGN_SHIFT = 16  # a level's sign bits start here
+
+
+@dataclass(frozen=True)
+class CodebookSearch:
+    """What distinguishes the five quantize_row_iq*_impl searches (ggml's constants, by name)."""
+
+    grid: str  # iq_grids name
+    sub_block: int  # weights per 4-bit scale
+    max_level: int  # ggml's kMaxQ: levels 0 … kMaxQ - 1 per weight
+    parity_signs: bool  # 7 stored signs per 8 weights: flip the least important one to make the count even
+    sigma2_factor: float  # sigma2 = factor · Σx² / QK_K
+    plain_sigma_share: float | None  # weights without an imatrix: share·sigma2 + x² (None: ggml requires one)
+    group_max_eps: float  # a sub-block below this maximum magnitude is stored as zero (0: only exact zeros)
+    start_from_qp: bool  # IQ2_XXS: the first scale from make_qp_quants, candidates around its largest level
+    n_steps: int  # candidates is = -n_steps … n_steps
+    step: float  # inverse scale (2·kMaxQ - 1 + is·step)/max
+    on_grid_start: bool  # IQ3_S counts every codeword off the grid until a candidate fits
+    recompute_always: bool  # IQ2_XXS re-rounds under the kept scale even when every codeword was on the grid
+    recompute_all: bool  # re-round every codeword, not only those that were off the grid
+    scale_fudge: float  # the stored super-block scale is (max scale / 31)·fudge
+
+
+@kernel
+def _codebook_search(x, importance, has_importance, sub_block, parity_signs, sigma2_factor, plain_sigma_share,
+                     group_max_eps, start_from_qp, n_steps, step, max_level, bits, index_map, neighbours,
+                     positions, on_grid_start, recompute_always, recompute_all, scale_fudge,
+                     super_scale_bits, sub_scales, levels):
+    n_blocks = x.shape[0]
+    width = positions.shape[1]
+    n_sub = QK_K // sub_block
+    per_sub = sub_block // width
+    weight = np.empty(sub_block, dtype=np.float32)
+    waux = np.empty(sub_block, dtype=np.float32)
+    xval = np.empty(sub_block, dtype=np.float32)
+    block_levels = np.empty(sub_block, dtype=np.int32)
+    qp_levels = np.empty(sub_block, dtype=np.uint8)
+    signs = np.empty(sub_block // SIGN_GROUP, dtype=np.int32)
+    scales = np.empty(n_sub, dtype=np.float32)
+    sign_mask = 127 if parity_signs else 255
+    for b in range(n_blocks):
+        xbl = x[b]
+        sigma2 = f32(sigma2_factor) * sequential_sum_of_squares(xbl) / f32(QK_K)
+        max_scale = f32(0.0)
+        for c in range(QK_K // width):
+            levels[b, c] = 0
+        for ib in range(n_sub):
+            xb = xbl[ib * sub_block:(ib + 1) * sub_block]
+            for i in range(sub_block):
+                if has_importance:
+                    weight[i] = importance[b, ib * sub_block + i] * np.sqrt(sigma2 + xb[i] * xb[i])
+                elif plain_sigma_share == 0:
+                    weight[i] = xb[i] * xb[i]
+                else:
+                    weight[i] = f32(plain_sigma_share) * sigma2 + xb[i] * xb[i]
+                waux[i] = np.sqrt(weight[i])
+            for k in range(sub_block // SIGN_GROUP):
+                n_flip = 0
+                s = 0
+                for i in range(SIGN_GROUP * k, SIGN_GROUP * (k + 1)):
+                    if xb[i] >= 0:
+                        xval[i] = xb[i]
+                    else:
+                        xval[i] = -xb[i]
+                        n_flip += 1
+                        s |= 1 << (i - SIGN_GROUP * k)
+                if parity_signs and n_flip % 2:
+                    # an odd count cannot be stored: flip the weight that matters least (the first of equals)
+                    least = SIGN_GROUP * k
+                    least_error = weight[least] * xb[least] * xb[least]
+                    for i in range(SIGN_GROUP * k + 1, SIGN_GROUP * (k + 1)):
+                        error = weight[i] * xb[i] * xb[i]
+                        if error < least_error:
+                            least_error = error
+                            least = i
+                    xval[least] = -xval[least]
+                    s ^= 1 << (least - SIGN_GROUP * k)
+                signs[k] = s
+            largest = xval[0]
+            for i in range(1, sub_block):
+                largest = largest if largest > xval[i] else xval[i]
+            scales[ib] = f32(0.0)
+            if largest < f32(group_max_eps) or largest == 0:
+                continue
+            if start_from_qp:
+                scale = make_qp_quants(xval, weight, qp_levels, max_level + 1)
+                reference = scale * f32(max_level)
+                if reference <= 0:
+                    continue
+            else:
+                reference = largest
+                scale = largest / f32(2 * max_level - 1)
+            block_levels[:] = 0
+            scale = codeword_scale_search(xval, weight, waux, reference, scale, n_steps, f32(step), max_level,
+                                          bits, index_map, neighbours, positions, on_grid_start,
+                                          recompute_always, recompute_all, block_levels)
+            if scale < 0:  # ggml: "should never happen": store the flipped signs with a positive scale
+                scale = -scale
+                for k in range(sub_block // SIGN_GROUP):
+                    signs[k] = ~signs[k] & sign_mask
+            for k in range(per_sub):
+                pattern = 0
+                for i in range(width):
+                    pattern |= block_levels[width * k + i] << (bits * i)
+                first = width * k
+                sign_bits = (signs[first // SIGN_GROUP] >> (first % SIGN_GROUP)) & ((1 << width) - 1)
+                levels[b, ib * per_sub + k] = index_map[pattern] | (sign_bits << SIGN_SHIFT)
+            scales[ib] = scale
+            max_scale = max_scale if max_scale > scale else scale
+        if max_scale == 0:
+            super_scale_bits[b] = 0
+            for ib in range(n_sub):
+                sub_scales[b, ib] = 0
+            for c in range(QK_K // width):
+                levels[b, c] = 0
+            continue
+        d = max_scale / f32(31.0)
+        super_scale_bits[b] = fp16_bits(d * f32(scale_fudge))
+        inverse = f32(1.0) / d
+        for ib in range(n_sub):
+            sub_scales[b, ib] = max(0, min(15, nearest_int(f32(0.5) * (inverse * scales[ib] - f32(1.0)))))
+
+
+def _sign_bytes(levels: torch.Tensor, width: int) -> torch.Tensor:
+    """Per 8 weights the sign byte (bit i: weight i negative) from the levels' sign bits → uint8 [n, 32]."""
+    bits = (levels >> SIGN_SHIFT) & ((1 << width) - 1)
+    if width == SIGN_GROUP:
+        return bits.to(torch.uint8)
+    pairs = bits.reshape(levels.shape[0], -1, 2)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << width)).to(torch.uint8)
+
+
+def _levels_from(indices: torch.Tensor, sign_bytes: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of _sign_bytes, with the codeword indices: int32 [n, 256 / width]."""
+    signs = sign_bytes.to(torch.int32)
+    if width == 4:
+        signs = torch.stack([signs & 15, signs >> 4], dim=2).reshape(signs.shape[0], -1)
+    return indices.to(torch.int32) | (signs << SIGN_SHIFT)
+
+
+def _bytes_of(words: torch.Tensor, n_bytes: int) -> torch.Tensor:
+    """Little-endian bytes of int64 ``words`` [n, m] → uint8 [n, m·n_bytes]."""
+    shifts = torch.arange(0, 8 * n_bytes, 8, device=words.device)
+    return ((words[:, :, None] >> shifts) & 255).to(torch.uint8).reshape(words.shape[0], -1)
+
+
+def _words_of(data: torch.Tensor, n_bytes: int) -> torch.Tensor:
+    """Inverse of _bytes_of: uint8 [n, m·n_bytes] → int64 [n, m]."""
+    grouped = data.to(torch.int64).reshape(data.shape[0], -1, n_bytes)
+    shifts = torch.arange(0, 8 * n_bytes, 8, device=data.device)
+    return (grouped << shifts).sum(dim=2)
+
+
+class CodebookParams(NamedTuple):
+    """The stored parameters: weight = super_scale·f(sub_scale)·grid value·sign (f as the format's dequantizer)."""
+
+    super_scale: torch.Tensor  # float16 [n_blocks]: ggml's d
+    sub_scales: torch.Tensor  # uint8 [n_blocks, n_sub]: the 4-bit scales 0 … 15
+
+
+class CodebookGrid(NamedTuple):
+    """What each level means under fixed parameters: weight = ``scale[codeword]·values[index][i]·sign``."""
+
+    scale: torch.Tensor  # float32 [n_blocks, n_codewords]
+    values: torch.Tensor  # float32 [n_grid, width]: the dequantizer's grid values
+
+    def weights(self, levels: torch.Tensor) -> torch.Tensor:
+        """The weights ``[n_blocks, n_codewords·width]`` that the codeword levels stand for."""
+        levels = levels.to(torch.int64)
+        width = self.values.shape[1]
+        magnitude = self.scale[:, :, None] * self.values[levels & 0xFFFF]
+        negative = ((levels[:, :, None] >> (SIGN_SHIFT + torch.arange(width, device=levels.device))) & 1) == 1
+        return torch.where(negative, -magnitude, magnitude).reshape(levels.shape[0], -1)
+
+
+class CodebookFormat(BlockFormat):
+    """The shared steps of the five formats; a subclass sets ``searcher`` and its byte layout."""
+
+    block_size = QK_K
+    needs_imatrix = True
+    levels_from_search = "ggml's codewords come from its scale search (and its neighbour lists), not re-rounded"
+    Params = CodebookParams
+    searcher: CodebookSearch
+    sub_scale_offset: float  # dequantizer: d·(offset + sub_scale)·factor
+    sub_scale_factor: float
+
+    @property
+    def grid(self) -> CodewordGrid:
+        return codeword_grid(self.searcher.grid)
+
+    @property
+    def width(self) -> int:
+        return self.grid.width
+
+    def search(self, blocks, importance, row_sigma2):
+        config = self.searcher
+        if importance is None and config.plain_sigma_share is None:
+            raise ValueError(f"{self.name} needs an importance vector (ggml refuses to quantize it without one): "
+                             f"give an imatrix (--imatrix FILE, or --calib TEXT to compute one)")
+        grid = self.grid
+        n = blocks.shape[0]
+        super_scale_bits = np.empty(n, dtype=np.uint16)
+        sub_scales = np.empty((n, QK_K // config.sub_block), dtype=np.uint8)
+        levels = np.empty((n, QK_K // grid.width), dtype=np.int32)
+        has_importance = importance is not None
+        weights = importance if has_importance else np.empty((0, QK_K), dtype=np.float32)
+        _codebook_search(blocks, weights, has_importance, config.sub_block, config.parity_signs,
+                         config.sigma2_factor, config.plain_sigma_share or 0.0, config.group_max_eps,
+                         config.start_from_qp, config.n_steps, config.step, config.max_level, grid.bits,
+                         grid.index_map, grid.neighbours, grid.positions, config.on_grid_start,
+                         config.recompute_always, config.recompute_all, config.scale_fudge,
+                         super_scale_bits, sub_scales, levels)
+        return (fp16_tensor(super_scale_bits), sub_scales), levels
+
+    def sub_block_scales(self, params: CodebookParams) -> torch.Tensor:
+        """float32 [n_blocks, n_sub] as gguf's dequantizer computes them: d·(offset + ls)·factor."""
+        d = params.super_scale.to(torch.float32)[:, None]
+        ls = params.sub_scales.to(torch.float32)
+        return d * (self.sub_scale_offset + ls) * self.sub_scale_factor
+
+    def reconstruct(self, params: CodebookParams) -> CodebookGrid:
+        per_sub = self.searcher.sub_block // self.width
+        scale = self.sub_block_scales(params).repeat_interleave(per_sub, dim=1)
+        values = torch.from_numpy(self.grid.values.astype(np.float32)).to(scale.device)
+        return CodebookGrid(scale, values)
+
+    def encode(self, values, params: CodebookParams, columns=None) -> torch.Tensor:
+        """The nearest signed codeword of each codeword's weights under fixed ``params``: signs from the
+        weights (for the parity formats the smallest weight of an odd group flipped), then the codeword of
+        least squared error. ``columns``: None, or a slice of whole sign groups (8 weights)."""
+        values = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values, np.float32))
+        start, stop = 0, QK_K
+        if columns is not None:
+            if not isinstance(columns, slice) or (columns.step or 1) != 1:
+                raise ValueError(f"{self.name}: encode takes a slice of whole groups of {SIGN_GROUP} weights")
+            start, stop, _ = columns.indices(QK_K)
+            if start % SIGN_GROUP or stop % SIGN_GROUP:
+                raise ValueError(f"{self.name}: encode takes a slice of whole groups of {SIGN_GROUP} weights")
+        grid = self.reconstruct(params)
+        width = self.width
+        scale = grid.scale[:, start // width:stop // width]
+        x = np.ascontiguousarray(values.detach().to("cpu", torch.float32).numpy())
+        levels = np.empty((x.shape[0], (stop - start) // width), dtype=np.int32)
+        _nearest_codewords(x, np.ascontiguousarray(scale.cpu().numpy()), grid.values.cpu().numpy(),
+                           self.searcher.parity_signs, levels)
+        return torch.from_numpy(levels).to(params.super_scale.device)
+
+    def dequantize_blocks(self, data: torch.Tensor) -> torch.Tensor:
+        levels, params = self.unpack(data)
+        return self.reconstruct(params).weights(levels)
+
+
+@kernel
+def _nearest_codewords(x, scale, values, parity_signs, levels):
+    """encode's kernel: per 8 weights the signs, per codeword the grid entry of least Σ(scale·v - |x|)²."""
+    n_grid, width = values.shape
+    magnitude = np.empty(SIGN_GROUP, dtype=np.float32)
+    for b in range(x.shape[0]):
+        for g in range(x.shape[1] // SIGN_GROUP):
+            s = 0
+            least = 0
+            for i in range(SIGN_GROUP):
+                v = x[b, SIGN_GROUP * g + i]
+                magnitude[i] = abs(v)
+                if v < 0:
+                    s |= 1 << i
+                if magnitude[i] < magnitude[least]:
+                    least = i
+            odd = 0
+            for i in range(SIGN_GROUP):
+                odd ^= (s >> i) & 1
+            if parity_signs and odd:
+                s ^= 1 << least
+                magnitude[least] = -magnitude[least]
+            for k in range(SIGN_GROUP // width):
+                c = (SIGN_GROUP * g) // width + k
+                best = 0
+                best_error = np.inf
+                for j in range(n_grid):
+                    error = 0.0
+                    for i in range(width):
+                        diff = scale[b, c] * values[j, i] - magnitude[width * k + i]
+                        error += diff * diff
+                    if error < best_error:
+                        best_error = error
+                        best = j
+                levels[b, c] = best | (((s >> (width * k)) & ((1 << width) - 1)) << SIGN_SHIFT)
+
+
+# ==== IQ2_XXS ====
+
+
+class IQ2_XXS(CodebookFormat):
+    """2.06 bpw: per 32 weights 4 codewords of 8 from a 256-entry grid, 7-bit signs and a 4-bit scale.
+
+    Bytes: d (fp16) | per 32 weights two uint32: the 4 codeword indices (a byte each); 4 × 7 sign bits | scale << 28.
+    """
+
+    name = "IQ2_XXS"
+    bytes_per_block = 66
+    searcher = CodebookSearch(
+        grid="iq2xxs", sub_block=32, max_level=3, parity_signs=True, sigma2_factor=1.0, plain_sigma_share=None,
+        group_max_eps=float(GROUP_MAX_EPS), start_from_qp=True, n_steps=6, step=0.1, on_grid_start=True,
+        recompute_always=True, recompute_all=True, scale_fudge=1.0)
+    sub_scale_offset, sub_scale_factor = 0.5, 0.25
+
+    def pack(self, levels: torch.Tensor, params: CodebookParams) -> torch.Tensor:
+        n = levels.shape[0]
+        indices = (levels & 0xFFFF).to(torch.int64).reshape(n, 8, 4)
+        grid_word = (indices << torch.tensor([0, 8, 16, 24], device=levels.device)).sum(dim=2)
+        signs = (_sign_bytes(levels, 8).to(torch.int64) & 127).reshape(n, 8, 4)
+        sign_word = (signs << torch.tensor([0, 7, 14, 21], device=levels.device)).sum(dim=2)
+        sign_word = sign_word | (params.sub_scales.to(torch.int64) << 28)
+        words = torch.stack([grid_word, sign_word], dim=2).reshape(n, 16)
+        return torch.cat([fp16_bytes(params.super_scale), _bytes_of(words, 4)], dim=1)
+
+    def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, CodebookParams]:
+        n = data.shape[0]
+        words = _words_of(data[:, 2:], 4).reshape(n, 8, 2)
+        indices = (words[:, :, 0:1] >> torch.tensor([0, 8, 16, 24], device=data.device)) & 255
+        seven = (words[:, :, 1:2] >> torch.tensor([0, 7, 14, 21], device=data.device)) & 127
+        ksigns = torch.from_numpy(sign_table().astype(np.int64)).to(data.device)
+        levels = _levels_from(indices.reshape(n, 32), ksigns[seven.reshape(n, 32)], 8)
+        sub_scales = (words[:, :, 1] >> 28).to(torch.uint8)
+        return levels, CodebookParams(fp16_from_bytes(data[:, :2]), sub_scales)
+
+
+# ==== IQ2_XS ====
+
+
+class IQ2_XS(CodebookFormat):
+    """2.31 bpw: per 16 weights 2 codewords of 8 from a 512-entry grid, 7-bit signs and a 4-bit scale.
+
+    Bytes: d (fp16) | 32 uint16: codeword index (9 bits) | 7 sign bits << 9 | 8 bytes of two 4-bit scales.
+    """
+
+    name = "IQ2_XS"
+    bytes_per_block = 74
+    searcher = CodebookSearch(
+        grid="iq2xs", sub_block=16, max_level=3, parity_signs=True, sigma2_factor=1.0, plain_sigma_share=None,
+        group_max_eps=float(GROUP_MAX_EPS), start_from_qp=False, n_steps=9, step=0.1, on_grid_start=True,
+        recompute_always=False, recompute_all=False, scale_fudge=1.0)
+    sub_scale_offset, sub_scale_factor = 0.5, 0.25
+
+    def pack(self, levels: torch.Tensor, params: CodebookParams) -> torch.Tensor:
+        signs = _sign_bytes(levels, 8).to(torch.int64) & 127
+        words = (levels & 0xFFFF).to(torch.int64) | (signs << 9)
+        return torch.cat([fp16_bytes(params.super_scale), _bytes_of(words, 2), _pack_scale_nibbles(params)], dim=1)
+
+    def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, CodebookParams]:
+        words = _words_of(data[:, 2:66], 2)
+        ksigns = torch.from_numpy(sign_table().astype(np.int64)).to(data.device)
+        levels = _levels_from(words & 511, ksigns[words >> 9], 8)
+        return levels, CodebookParams(fp16_from_bytes(data[:, :2]), _unpack_scale_nibbles(data[:, 66:74]))
+
+
+def _pack_scale_nibbles(params: CodebookParams) -> torch.Tensor:
+    stored = params.sub_scales.to(torch.uint8)
+    return stored[:, 0::2] | (stored[:, 1::2] << 4)
+
+
+def _unpack_scale_nibbles(data: torch.Tensor) -> torch.Tensor:
+    return torch.stack([data & 15, data >> 4], dim=2).reshape(data.shape[0], -1)
+
+
+# ==== IQ2_S ====
+
+
+class IQ2_S(CodebookFormat):
+    """2.56 bpw: per 16 weights 2 codewords of 8 from a 1024-entry grid, 8 sign bits each and a 4-bit scale.
+
+    Bytes: d (fp16) | 32 low bytes of the indices | 32 sign bytes | 8 bytes of 2 high index bits × 4 | 8 scale bytes.
+    """
+
+    name = "IQ2_S"
+    bytes_per_block = 82
+    searcher = CodebookSearch(
+        grid="iq2s", sub_block=16, max_level=3, parity_signs=False, sigma2_factor=2.0, plain_sigma_share=0.25,
+        group_max_eps=1e-8, start_from_qp=False, n_steps=9, step=0.1, on_grid_start=True,
+        recompute_always=False, recompute_all=False, scale_fudge=0.9875)
+    sub_scale_offset, sub_scale_factor = 0.5, 0.25
+
+    def pack(self, levels: torch.Tensor, params: CodebookParams) -> torch.Tensor:
+        n = levels.shape[0]
+        indices = (levels & 0xFFFF).to(torch.int64)
+        high = (indices >> 8).reshape(n, 8, 4) << torch.tensor([0, 2, 4, 6], device=levels.device)
+        return torch.cat([fp16_bytes(params.super_scale), (indices & 255).to(torch.uint8), _sign_bytes(levels, 8),
+                          high.sum(dim=2).to(torch.uint8), _pack_scale_nibbles(params)], dim=1)
+
+    def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, CodebookParams]:
+        n = data.shape[0]
+        high = (data[:, 66:74, None].to(torch.int64) >> torch.tensor([0, 2, 4, 6], device=data.device)) & 3
+        indices = data[:, 2:34].to(torch.int64) | (high.reshape(n, 32) << 8)
+        levels = _levels_from(indices, data[:, 34:66], 8)
+        return levels, CodebookParams(fp16_from_bytes(data[:, :2]), _unpack_scale_nibbles(data[:, 74:82]))
+
+
+# ==== IQ3_XXS ====
+
+
+class IQ3_XXS(CodebookFormat):
+    """3.06 bpw: per 32 weights 8 codewords of 4 from a 256-entry grid, 7-bit signs per 8 and a 4-bit scale.
+
+    Bytes: d (fp16) | 64 codeword indices | per 32 weights a uint32: 4 × 7 sign bits | scale << 28.
+    """
+
+    name = "IQ3_XXS"
+    bytes_per_block = 98
+    searcher = CodebookSearch(
+        grid="iq3xxs", sub_block=32, max_level=8, parity_signs=True, sigma2_factor=2.0, plain_sigma_share=0.0,
+        group_max_eps=1e-8, start_from_qp=False, n_steps=15, step=0.2, on_grid_start=True,
+        recompute_always=False, recompute_all=False, scale_fudge=1.0125)
+    sub_scale_offset, sub_scale_factor = 0.5, 0.5
+
+    def pack(self, levels: torch.Tensor, params: CodebookParams) -> torch.Tensor:
+        n = levels.shape[0]
+        signs = (_sign_bytes(levels, 4).to(torch.int64) & 127).reshape(n, 8, 4)
+        words = (signs << torch.tensor([0, 7, 14, 21], device=levels.device)).sum(dim=2)
+        words = words | (params.sub_scales.to(torch.int64) << 28)
+        return torch.cat([fp16_bytes(params.super_scale), (levels & 255).to(torch.uint8), _bytes_of(words, 4)], dim=1)
+
+    def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, CodebookParams]:
+        n = data.shape[0]
+        words = _words_of(data[:, 66:98], 4)
+        seven = (words[:, :, None] >> torch.tensor([0, 7, 14, 21], device=data.device)) & 127
+        ksigns = torch.from_numpy(sign_table().astype(np.int64)).to(data.device)
+        levels = _levels_from(data[:, 2:66], ksigns[seven.reshape(n, 32)], 4)
+        return levels, CodebookParams(fp16_from_bytes(data[:, :2]), (words >> 28).to(torch.uint8))
+
+
+# ==== IQ3_S ====
+
+
+class IQ3_S(CodebookFormat):
+    """3.44 bpw: per 32 weights 8 codewords of 4 from a 512-entry grid, 8 sign bits per 8, a 4-bit scale.
+
+    Bytes: d (fp16) | 64 low index bytes | 8 bytes of high index bits | 32 sign bytes | 4 bytes of two scales.
+    """
+
+    name = "IQ3_S"
+    bytes_per_block = 110
+    searcher = CodebookSearch(
+        grid="iq3s", sub_block=32, max_level=8, parity_signs=False, sigma2_factor=2.0, plain_sigma_share=0.0,
+        group_max_eps=0.0, start_from_qp=False, n_steps=9, step=0.2, on_grid_start=False,
+        recompute_always=False, recompute_all=True, scale_fudge=1.033)
+    sub_scale_offset, sub_scale_factor = 1.0, 2.0  # dequantize_row_iq3_s: d·(1 + 2·ls)
+
+    def sub_block_scales(self, params: CodebookParams) -> torch.Tensor:
+        d = params.super_scale.to(torch.float32)[:, None]
+        return d * (1 + 2 * params.sub_scales.to(torch.int32)).to(torch.float32)
+
+    def pack(self, levels: torch.Tensor, params: CodebookParams) -> torch.Tensor:
+        n = levels.shape[0]
+        indices = (levels & 0xFFFF).to(torch.int64)
+        high = (indices >> 8).reshape(n, 8, 8) << torch.arange(8, device=levels.device)
+        return torch.cat([fp16_bytes(params.super_scale), (indices & 255).to(torch.uint8),
+                          high.sum(dim=2).to(torch.uint8), _sign_bytes(levels, 4),
+                          _pack_scale_nibbles(params)], dim=1)
+
+    def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, CodebookParams]:
+        n = data.shape[0]
+        high = (data[:, 66:74, None].to(torch.int64) >> torch.arange(8, device=data.device)) & 1
+        indices = data[:, 2:66].to(torch.int64) | (high.reshape(n, 64) << 8)
+        levels = _levels_from(indices, data[:, 74:106], 4)
+        return levels, CodebookParams(fp16_from_bytes(data[:, :2]), _unpack_scale_nibbles(data[:, 106:110]))
+
