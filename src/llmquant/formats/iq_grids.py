@@ -66,6 +66,11 @@ class CodewordGrid:
     def width(self) -> int:
         return self.values.shape[1]
 
+    @property
+    def odd_positions(self) -> np.ndarray:
+        """float32 ``2l + 1`` of each level l: what the IQ2/IQ3 searches fit a scale to."""
+        return np.arange(1, 2 << self.bits, 2, dtype=np.float32)
+
 
 @functools.cache
 def _data() -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""llama.cpp's 2- and 3-bit codebook i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S.
+"""llama.cpp's 1- to 3-bit codebook i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M.
 
 Each 256-weight super-block has an fp16 scale and a 4-bit scale per sub-block (16 or 32 weights); the weights
 go by codewords of 8 (IQ2) or 4 (IQ3) magnitudes taken from a grid (``iq_grids``), and one sign per weight
@@ -31,6 +31,7 @@ from llmquant.formats.search import (
     kernel,
     make_qp_quants,
     nearest_int,
+    nearest_neighbour_codeword,
     sequential_sum_of_squares,
 )
 
@@ -62,10 +63,10 @@ class CodebookSearch:
 @kernel
 def _codebook_search(x, importance, has_importance, sub_block, parity_signs, sigma2_factor, plain_sigma_share,
                      group_max_eps, start_from_qp, n_steps, step, max_level, bits, index_map, neighbours,
-                     positions, on_grid_start, recompute_always, recompute_all, scale_fudge,
+                     grid_levels, level_values, on_grid_start, recompute_always, recompute_all, scale_fudge,
                      super_scale_bits, sub_scales, levels):
     n_blocks = x.shape[0]
-    width = positions.shape[1]
+    width = grid_levels.shape[1]
     n_sub = QK_K // sub_block
     per_sub = sub_block // width
     weight = np.empty(sub_block, dtype=np.float32)
@@ -130,7 +131,7 @@ def _codebook_search(x, importance, has_importance, sub_block, parity_signs, sig
                 scale = largest / f32(2 * max_level - 1)
             block_levels[:] = 0
             scale = codeword_scale_search(xval, weight, waux, reference, scale, n_steps, f32(step), max_level,
-                                          bits, index_map, neighbours, positions, on_grid_start,
+                                          bits, index_map, neighbours, grid_levels, level_values, on_grid_start,
                                           recompute_always, recompute_all, block_levels)
             if scale < 0:  # ggml: "should never happen": store the flipped signs with a positive scale
                 scale = -scale
@@ -245,7 +246,7 @@ class CodebookFormat(BlockFormat):
         _codebook_search(blocks, weights, has_importance, config.sub_block, config.parity_signs,
                          config.sigma2_factor, config.plain_sigma_share or 0.0, config.group_max_eps,
                          config.start_from_qp, config.n_steps, config.step, config.max_level, grid.bits,
-                         grid.index_map, grid.neighbours, grid.positions, config.on_grid_start,
+                         grid.index_map, grid.neighbours, grid.levels, grid.odd_positions, config.on_grid_start,
                          config.recompute_always, config.recompute_all, config.scale_fudge,
                          super_scale_bits, sub_scales, levels)
         return (fp16_tensor(super_scale_bits), sub_scales), levels
@@ -502,3 +503,465 @@ class IQ3_S(CodebookFormat):
         levels = _levels_from(indices, data[:, 74:106], 4)
         return levels, CodebookParams(fp16_from_bytes(data[:, :2]), _unpack_scale_nibbles(data[:, 106:110]))
 
+
+
+# ==== IQ1_S, IQ1_M: codewords of -1/0/1 shifted by ±1/8, scales found by an exhaustive split ====
+
+IQ1_DELTA = 0.125  # IQ1S_DELTA, IQ1M_DELTA
+# x_p and x_m of quantize_row_iq1_s_impl/iq1_m_impl: the codeword levels 0, 1, 2 under a +delta and a -delta shift
+_IQ1_SHIFTED = np.array([[-1 + IQ1_DELTA, IQ1_DELTA, 1 + IQ1_DELTA],
+                         [-1 - IQ1_DELTA, -IQ1_DELTA, 1 - IQ1_DELTA]], dtype=np.float32)
+_FLT_MAX = f32(3.4028234663852886e38)
+
+
+@kernel
+def _stable_order(x, order):
+    """The indices of x in ascending order, equal values in their order: glibc's qsort (a merge sort) of
+    ggml's (value, index) pairs."""
+    for j in range(x.shape[0]):
+        order[j] = j
+        k = j
+        while k > 0 and x[j] < x[order[k - 1]]:
+            order[k] = order[k - 1]
+            k -= 1
+        order[k] = j
+
+
+@kernel
+def _iq1_codewords(xb, weight, scale, shifted_of, L, index_map, neighbours, grid_levels, codewords):
+    """The codewords of one sub-block's split levels ``L`` (on the grid, else the best neighbour under each
+    codeword's shifted values ``shifted_of[k]``) and the scale refitted where one was off the grid."""
+    all_on_grid = True
+    for k in range(codewords.shape[0]):
+        pattern = 0
+        for j in range(8):
+            pattern |= L[8 * k + j] << (2 * j)
+        index = index_map[pattern]
+        if index < 0:
+            all_on_grid = False
+            index = nearest_neighbour_codeword(neighbours, -index - 1, grid_levels, shifted_of[k], xb[8 * k:8 * k + 8],
+                                               weight[8 * k:8 * k + 8], scale, L[8 * k:8 * k + 8])
+        codewords[k] = index
+    if not all_on_grid:
+        sum_qx = f32(0.0)
+        sum_q2 = f32(0.0)
+        for k in range(codewords.shape[0]):
+            for j in range(8):
+                w = weight[8 * k + j]
+                q = shifted_of[k][grid_levels[codewords[k], j]]
+                sum_qx += w * q * xb[8 * k + j]
+                sum_q2 += w * q * q
+        if sum_qx > 0 and sum_q2 > 0:
+            scale = sum_qx / sum_q2
+    return scale
+
+
+@kernel
+def _iq1_weights(xb, qw, has_importance, sigma2, weight):
+    for i in range(xb.shape[0]):
+        weight[i] = qw[i] * np.sqrt(sigma2 + xb[i] * xb[i]) if has_importance else xb[i] * xb[i]
+
+
+@kernel
+def _largest_magnitude(xb):
+    largest = abs(xb[0])
+    for i in range(1, xb.shape[0]):
+        largest = largest if largest > abs(xb[i]) else abs(xb[i])
+    return largest
+
+
+@kernel
+def _iq1_s_search(x, importance, shifted, index_map, neighbours, grid_levels, super_scale_bits, nibbles, levels):
+    # quantize_row_iq1_s_impl: 32-weight sub-blocks, one shift per sub-block
+    sub = 32
+    weight = np.empty(sub, dtype=np.float32)
+    order = np.empty(sub, dtype=np.int64)
+    sum_x = np.empty(sub + 1, dtype=np.float32)
+    sum_w = np.empty(sub + 1, dtype=np.float32)
+    L = np.empty(sub, dtype=np.int32)
+    codewords = np.empty(4, dtype=np.int32)
+    shifted_of = np.empty((4, 3), dtype=np.float32)
+    scales = np.empty(QK_K // sub, dtype=np.float32)
+    shifts = np.empty(QK_K // sub, dtype=np.int32)
+    for b in range(x.shape[0]):
+        sigma2 = f32(2.0) * sequential_sum_of_squares(x[b]) / f32(QK_K)
+        max_scale = f32(0.0)
+        for ib in range(QK_K // sub):
+            xb = x[b, sub * ib:sub * (ib + 1)]
+            _iq1_weights(xb, importance[b, sub * ib:sub * (ib + 1)], True, sigma2, weight)
+            for k in range(4):
+                levels[b, 4 * ib + k] = 0
+            scales[ib] = f32(0.0)
+            shifts[ib] = 1
+            if _largest_magnitude(xb) < f32(1e-12):  # GROUP_MAX_EPS_IQ1_S
+                continue
+            scale = _largest_magnitude(xb)
+            _stable_order(xb, order)
+            sum_x[0] = f32(0.0)
+            sum_w[0] = f32(0.0)
+            for j in range(sub):
+                i = order[j]
+                sum_x[j + 1] = sum_x[j] + weight[i] * xb[i]
+                sum_w[j + 1] = sum_w[j] + weight[i]
+            # the exact weighted fit of every split of the sorted weights into levels -1, 0, 1, either shift
+            best_score = -_FLT_MAX
+            best1 = -1
+            best2 = -1
+            best_shift = 0
+            for i1 in range(sub + 1):
+                for i2 in range(i1, sub + 1):
+                    for s in range(2):
+                        xx = shifted[s]
+                        sum_qx = ((sum_x[i1] - sum_x[0]) * xx[0] + (sum_x[i2] - sum_x[i1]) * xx[1]
+                                  + (sum_x[sub] - sum_x[i2]) * xx[2])
+                        sum_q2 = ((sum_w[i1] - sum_w[0]) * xx[0] * xx[0] + (sum_w[i2] - sum_w[i1]) * xx[1] * xx[1]
+                                  + (sum_w[sub] - sum_w[i2]) * xx[2] * xx[2])
+                        if sum_q2 > 0 and sum_qx * sum_qx > best_score * sum_q2:
+                            scale = sum_qx / sum_q2
+                            best_score = scale * sum_qx
+                            best1 = i1
+                            best2 = i2
+                            best_shift = 1 - 2 * s
+            if best1 < 0 or best2 < 0 or best_shift == 0:
+                continue
+            for j in range(sub):
+                L[order[j]] = 0 if j < best1 else (1 if j < best2 else 2)
+            if scale < 0:
+                for j in range(sub):
+                    L[j] = 2 - L[j]
+                scale = -scale
+                best_shift = -best_shift
+            for k in range(4):
+                shifted_of[k] = shifted[0 if best_shift == 1 else 1]
+            scale = _iq1_codewords(xb, weight, scale, shifted_of, L, index_map, neighbours, grid_levels, codewords)
+            for k in range(4):
+                levels[b, 4 * ib + k] = codewords[k]
+            scales[ib] = scale
+            shifts[ib] = best_shift
+            max_scale = max_scale if max_scale > scale else scale
+        super_scale_bits[b] = 0
+        for ib in range(QK_K // sub):
+            nibbles[b, ib] = 0
+        if max_scale == 0:
+            continue
+        d = max_scale / f32(15.0)
+        super_scale_bits[b] = fp16_bits(d * f32(1.125))
+        inverse = f32(1.0) / d
+        for ib in range(QK_K // sub):
+            level = max(0, min(7, nearest_int(f32(0.5) * (inverse * scales[ib] - f32(1.0)))))
+            nibbles[b, ib] = level | (8 if shifts[ib] == -1 else 0)
+
+
+@kernel
+def _iq1_m_search(x, importance, has_importance, shifted, index_map, neighbours, grid_levels, super_scale_bits,
+                  sub_scales, levels):
+    # quantize_row_iq1_m_impl: 16-weight sub-blocks, a shift per 8 weights, the super-block scale refitted
+    sub = 16
+    half = sub // 2
+    weight = np.empty(sub, dtype=np.float32)
+    order = np.empty(sub, dtype=np.int64)
+    px = np.empty((2, sub + 1), dtype=np.float32)
+    pw = np.empty((2, sub + 1), dtype=np.float32)
+    sum_qx = np.empty(4, dtype=np.float32)
+    sum_q2 = np.empty(4, dtype=np.float32)
+    L = np.empty(sub, dtype=np.int32)
+    codewords = np.empty(2, dtype=np.int32)
+    shifted_of = np.empty((2, 3), dtype=np.float32)
+    scales = np.empty(QK_K // sub, dtype=np.float32)
+    shifts = np.empty(QK_K // sub, dtype=np.int32)
+    x_p = shifted[0]
+    x_m = shifted[1]
+    p2 = x_p[2]
+    m2 = x_m[2]
+    cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1]
+    cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2]
+    cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1]
+    cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2]
+    for b in range(x.shape[0]):
+        sigma2 = f32(2.0) * sequential_sum_of_squares(x[b]) / f32(QK_K)
+        max_scale = f32(0.0)
+        for ib in range(QK_K // sub):
+            xb = x[b, sub * ib:sub * (ib + 1)]
+            qw = importance[b, sub * ib:sub * (ib + 1)] if has_importance else xb
+            _iq1_weights(xb, qw, has_importance, sigma2, weight)
+            for k in range(2):
+                levels[b, 2 * ib + k] = 0
+            scales[ib] = f32(0.0)
+            shifts[ib] = 0
+            if _largest_magnitude(xb) < f32(1e-7):  # GROUP_MAX_EPS_IQ1_M
+                continue
+            scale = _largest_magnitude(xb)
+            _stable_order(xb, order)
+            # prefix sums per half of the sub-block, each half with its own shift
+            for h in range(2):
+                px[h, 0] = f32(0.0)
+                pw[h, 0] = f32(0.0)
+            for j in range(sub):
+                i = order[j]
+                h = 0 if i < half else 1
+                px[h, j + 1] = px[h, j] + weight[i] * xb[i]
+                px[1 - h, j + 1] = px[1 - h, j]
+                pw[h, j + 1] = pw[h, j] + weight[i]
+                pw[1 - h, j + 1] = pw[1 - h, j]
+            best_score = -_FLT_MAX
+            best1 = -1
+            best2 = -1
+            best_k = -1
+            for i1 in range(sub + 1):
+                for i2 in range(i1, sub + 1):
+                    sx0 = px[0, i1] + px[0, i2]
+                    sx1 = px[1, i1] + px[1, i2]
+                    qx_p0 = px[0, sub] * p2 - sx0
+                    qx_m0 = px[0, sub] * m2 - sx0
+                    qx_p1 = px[1, sub] * p2 - sx1
+                    qx_m1 = px[1, sub] * m2 - sx1
+                    q2_p0 = pw[0, sub] * p2 * p2 + pw[0, i1] * cp1 + pw[0, i2] * cp2
+                    q2_m0 = pw[0, sub] * m2 * m2 + pw[0, i1] * cm1 + pw[0, i2] * cm2
+                    q2_p1 = pw[1, sub] * p2 * p2 + pw[1, i1] * cp1 + pw[1, i2] * cp2
+                    q2_m1 = pw[1, sub] * m2 * m2 + pw[1, i1] * cm1 + pw[1, i2] * cm2
+                    sum_qx[0] = qx_p0 + qx_p1
+                    sum_qx[1] = qx_p0 + qx_m1
+                    sum_qx[2] = qx_m0 + qx_p1
+                    sum_qx[3] = qx_m0 + qx_m1
+                    sum_q2[0] = q2_p0 + q2_p1
+                    sum_q2[1] = q2_p0 + q2_m1
+                    sum_q2[2] = q2_m0 + q2_p1
+                    sum_q2[3] = q2_m0 + q2_m1
+                    for k in range(4):
+                        if sum_q2[k] > 0 and sum_qx[k] * sum_qx[k] > best_score * sum_q2[k]:
+                            scale = sum_qx[k] / sum_q2[k]
+                            best_score = scale * sum_qx[k]
+                            best1 = i1
+                            best2 = i2
+                            best_k = k
+            if best1 < 0 or best2 < 0 or best_k < 0:
+                continue
+            for j in range(sub):
+                L[order[j]] = 0 if j < best1 else (1 if j < best2 else 2)
+            if scale < 0:
+                for j in range(sub):
+                    L[j] = 2 - L[j]
+                scale = -scale
+                best_k = 3 - best_k
+            shifted_of[0] = shifted[0 if best_k < 2 else 1]
+            shifted_of[1] = shifted[0 if best_k % 2 == 0 else 1]
+            scale = _iq1_codewords(xb, weight, scale, shifted_of, L, index_map, neighbours, grid_levels, codewords)
+            for k in range(2):
+                levels[b, 2 * ib + k] = codewords[k]
+            scales[ib] = scale
+            shifts[ib] = best_k
+            max_scale = max_scale if max_scale > scale else scale
+        super_scale_bits[b] = 0
+        for ib in range(QK_K // sub):
+            sub_scales[b, ib] = 0
+        if max_scale == 0:  # ggml keeps the codewords, but writes neither scales nor shifts
+            continue
+        d = max_scale / f32(15.0)
+        inverse = f32(1.0) / d
+        fit_qx = f32(0.0)
+        fit_q2 = f32(0.0)
+        for ib in range(QK_K // sub):
+            level = max(0, min(7, nearest_int(f32(0.5) * (inverse * scales[ib] - f32(1.0)))))
+            sub_scales[b, ib] = level
+            xb = x[b, sub * ib:sub * (ib + 1)]
+            qw = importance[b, sub * ib:sub * (ib + 1)] if has_importance else xb
+            _iq1_weights(xb, qw, has_importance, sigma2, weight)
+            for k in range(2):
+                negative = (shifts[ib] >= 2) if k == 0 else (shifts[ib] % 2 == 1)
+                xx = shifted[1 if negative else 0]
+                index = levels[b, 2 * ib + k]
+                for j in range(8):
+                    w = weight[8 * k + j]
+                    q = xx[grid_levels[index, j]] * f32(2 * level + 1)
+                    fit_qx += w * q * xb[8 * k + j]
+                    fit_q2 += w * q * q
+                if negative:
+                    levels[b, 2 * ib + k] = index | (1 << SIGN_SHIFT)
+        if fit_q2 > 0:
+            d = fit_qx / fit_q2
+        super_scale_bits[b] = fp16_bits(d * f32(1.1125))
+
+
+class ShiftedGrid(NamedTuple):
+    """IQ1's levels under fixed parameters: weight = ``scale[codeword]·(values[index][i] + shift)``."""
+
+    scale: torch.Tensor  # float32 [n_blocks, n_codewords]
+    shift: torch.Tensor | None  # float32 [n_blocks, n_codewords] (IQ1_S), or None: from the levels (IQ1_M)
+    values: torch.Tensor  # float32 [n_grid, 8]: -1, 0, 1
+
+    def shifts(self, levels: torch.Tensor) -> torch.Tensor:
+        if self.shift is not None:
+            return self.shift
+        negative = ((levels.to(torch.int64) >> SIGN_SHIFT) & 1) == 1
+        return torch.where(negative, -IQ1_DELTA, IQ1_DELTA).to(torch.float32)
+
+    def weights(self, levels: torch.Tensor) -> torch.Tensor:
+        shifted = self.values[levels.to(torch.int64) & 0xFFFF] + self.shifts(levels)[:, :, None]
+        return (self.scale[:, :, None] * shifted).reshape(levels.shape[0], -1)
+
+
+class IQ1Format(CodebookFormat):
+    """The shared steps of IQ1_S and IQ1_M: 8-weight codewords of the 2048-entry grid of -1/0/1."""
+
+    levels_from_search = "ggml's codewords come from its exhaustive split and its neighbour lists"
+
+    @property
+    def grid(self) -> CodewordGrid:
+        return codeword_grid("iq1s")
+
+    def _values(self, device) -> torch.Tensor:
+        return torch.from_numpy(self.grid.values.astype(np.float32)).to(device)
+
+    def encode(self, values, params, columns=None) -> torch.Tensor:
+        """The codeword (and for IQ1_M the shift) of least squared error under fixed ``params``, per 8 weights.
+        ``columns``: None, or a slice of whole codewords."""
+        values = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values, np.float32))
+        start, stop = 0, QK_K
+        if columns is not None:
+            if not isinstance(columns, slice) or (columns.step or 1) != 1:
+                raise ValueError(f"{self.name}: encode takes a slice of whole codewords of 8 weights")
+            start, stop, _ = columns.indices(QK_K)
+            if start % 8 or stop % 8:
+                raise ValueError(f"{self.name}: encode takes a slice of whole codewords of 8 weights")
+        grid = self.reconstruct(params)
+        scale = grid.scale[:, start // 8:stop // 8].cpu().numpy()
+        fixed = grid.shift is not None
+        shift = (grid.shift[:, start // 8:stop // 8] if fixed else torch.zeros(scale.shape)).cpu().numpy()
+        x = np.ascontiguousarray(values.detach().to("cpu", torch.float32).numpy())
+        levels = np.empty((x.shape[0], (stop - start) // 8), dtype=np.int32)
+        _nearest_shifted_codewords(x, np.ascontiguousarray(scale), np.ascontiguousarray(shift), fixed,
+                                   grid.values.cpu().numpy(), levels)
+        return torch.from_numpy(levels).to(params.super_scale.device)
+
+
+@kernel
+def _nearest_shifted_codewords(x, scale, shift, fixed_shift, values, levels):
+    n_grid = values.shape[0]
+    for b in range(x.shape[0]):
+        for c in range(levels.shape[1]):
+            best = 0
+            best_error = np.inf
+            for sign in range(1 if fixed_shift else 2):
+                delta = shift[b, c] if fixed_shift else (IQ1_DELTA if sign == 0 else -IQ1_DELTA)
+                for j in range(n_grid):
+                    error = 0.0
+                    for i in range(8):
+                        diff = scale[b, c] * (values[j, i] + delta) - x[b, 8 * c + i]
+                        error += diff * diff
+                    if error < best_error:
+                        best_error = error
+                        best = j | (sign << SIGN_SHIFT)
+            levels[b, c] = best
+
+
+class IQ1SParams(NamedTuple):
+    """IQ1_S's stored parameters: weight = super_scale·(2·(n & 7) + 1)·(value ± 1/8), minus where n & 8."""
+
+    super_scale: torch.Tensor  # float16 [n_blocks]
+    sub_scales: torch.Tensor  # uint8 [n_blocks, 8]: ggml's 4-bit field, the 3-bit scale and the shift's sign
+
+
+class IQ1_S(IQ1Format):
+    """1.56 bpw: per 32 weights 4 codewords of 8 from a 2048-entry grid of -1/0/1, a 3-bit scale, a shift.
+
+    Bytes: d (fp16) | 32 low index bytes | 8 uint16: 4 × 3 high index bits | scale << 12 | shift sign << 15.
+    """
+
+    name = "IQ1_S"
+    bytes_per_block = 50
+    Params = IQ1SParams
+
+    def search(self, blocks, importance, row_sigma2):
+        if importance is None:
+            raise ValueError(f"{self.name} needs an importance vector (ggml refuses to quantize it without one): "
+                             f"give an imatrix (--imatrix FILE, or --calib TEXT to compute one)")
+        grid = self.grid
+        n = blocks.shape[0]
+        super_scale_bits = np.empty(n, dtype=np.uint16)
+        nibbles = np.empty((n, 8), dtype=np.uint8)
+        levels = np.empty((n, 32), dtype=np.int32)
+        _iq1_s_search(blocks, importance, _IQ1_SHIFTED, grid.index_map, grid.neighbours, grid.levels,
+                      super_scale_bits, nibbles, levels)
+        return (fp16_tensor(super_scale_bits), nibbles), levels
+
+    def reconstruct(self, params: IQ1SParams) -> ShiftedGrid:
+        d = params.super_scale.to(torch.float32)[:, None]
+        stored = params.sub_scales.to(torch.int32)
+        scale = (d * (2 * (stored & 7) + 1).to(torch.float32)).repeat_interleave(4, dim=1)
+        shift = torch.where((stored & 8) == 8, -IQ1_DELTA, IQ1_DELTA).to(torch.float32).repeat_interleave(4, dim=1)
+        return ShiftedGrid(scale, shift, self._values(scale.device))
+
+    def pack(self, levels: torch.Tensor, params: IQ1SParams) -> torch.Tensor:
+        n = levels.shape[0]
+        indices = (levels & 0xFFFF).to(torch.int64)
+        high = ((indices >> 8).reshape(n, 8, 4) << torch.tensor([0, 3, 6, 9], device=levels.device)).sum(dim=2)
+        qh = high | (params.sub_scales.to(torch.int64) << 12)
+        return torch.cat([fp16_bytes(params.super_scale), (indices & 255).to(torch.uint8), _bytes_of(qh, 2)], dim=1)
+
+    def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, IQ1SParams]:
+        n = data.shape[0]
+        qh = _words_of(data[:, 34:50], 2)
+        high = (qh[:, :, None] >> torch.tensor([0, 3, 6, 9], device=data.device)) & 7
+        indices = data[:, 2:34].to(torch.int64) | (high.reshape(n, 32) << 8)
+        return indices.to(torch.int32), IQ1SParams(fp16_from_bytes(data[:, :2]), (qh >> 12).to(torch.uint8))
+
+
+class IQ1MParams(NamedTuple):
+    """IQ1_M's stored parameters: weight = super_scale·(2·sub_scale + 1)·(value ± 1/8) (the shift per codeword
+    is in the levels, bit 16: minus)."""
+
+    super_scale: torch.Tensor  # float16 [n_blocks]: stored in the top nibbles of the four scale words
+    sub_scales: torch.Tensor  # uint8 [n_blocks, 16]: 3-bit scales
+
+
+class IQ1_M(IQ1Format):
+    """1.75 bpw: per 16 weights 2 codewords of 8 from the IQ1 grid with a shift each, and a 3-bit scale.
+
+    Bytes: 32 low index bytes | 16 bytes: 3 high index bits and the shift sign per codeword | 4 uint16 of
+    4 × 3-bit scales, their top nibbles the fp16 super-block scale.
+    """
+
+    name = "IQ1_M"
+    bytes_per_block = 56
+    Params = IQ1MParams
+
+    def search(self, blocks, importance, row_sigma2):
+        grid = self.grid
+        n = blocks.shape[0]
+        super_scale_bits = np.empty(n, dtype=np.uint16)
+        sub_scales = np.empty((n, 16), dtype=np.uint8)
+        levels = np.empty((n, 32), dtype=np.int32)
+        has_importance = importance is not None
+        weights = importance if has_importance else np.empty((0, QK_K), dtype=np.float32)
+        _iq1_m_search(blocks, weights, has_importance, _IQ1_SHIFTED, grid.index_map, grid.neighbours, grid.levels,
+                      super_scale_bits, sub_scales, levels)
+        return (fp16_tensor(super_scale_bits), sub_scales), levels
+
+    def reconstruct(self, params: IQ1MParams) -> ShiftedGrid:
+        d = params.super_scale.to(torch.float32)[:, None]
+        scale = d * (2 * params.sub_scales.to(torch.int32) + 1).to(torch.float32)
+        return ShiftedGrid(scale.repeat_interleave(2, dim=1), None, self._values(scale.device))
+
+    def pack(self, levels: torch.Tensor, params: IQ1MParams) -> torch.Tensor:
+        n = levels.shape[0]
+        levels = levels.to(torch.int64)
+        indices = levels & 0xFFFF
+        nibble = ((indices >> 8) | (((levels >> SIGN_SHIFT) & 1) << 3)).reshape(n, 16, 2)
+        qh = nibble[:, :, 0] | (nibble[:, :, 1] << 4)
+        scale_words = (params.sub_scales.to(torch.int64).reshape(n, 4, 4)
+                       << torch.tensor([0, 3, 6, 9], device=levels.device)).sum(dim=2)
+        d_bits = params.super_scale.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+        top = (d_bits[:, None] >> torch.tensor([0, 4, 8, 12], device=levels.device)) & 15
+        scale_words = scale_words | (top << 12)
+        return torch.cat([(indices & 255).to(torch.uint8), qh.to(torch.uint8), _bytes_of(scale_words, 2)], dim=1)
+
+    def unpack(self, data: torch.Tensor) -> tuple[torch.Tensor, IQ1MParams]:
+        n = data.shape[0]
+        qh = data[:, 32:48].to(torch.int64)
+        nibble = torch.stack([qh & 15, qh >> 4], dim=2).reshape(n, 32)
+        levels = data[:, :32].to(torch.int64) | ((nibble & 7) << 8) | (((nibble >> 3) & 1) << SIGN_SHIFT)
+        scale_words = _words_of(data[:, 48:56], 2)
+        sub_scales = ((scale_words[:, :, None] >> torch.tensor([0, 3, 6, 9], device=data.device)) & 7).reshape(n, 16)
+        d_bits = ((scale_words >> 12) << torch.tensor([0, 4, 8, 12], device=data.device)).sum(dim=1)
+        super_scale = d_bits.to(torch.int32).to(torch.int16).view(torch.float16)
+        return levels.to(torch.int32), IQ1MParams(super_scale, sub_scales.to(torch.uint8))

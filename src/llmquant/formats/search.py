@@ -433,28 +433,32 @@ _FLT_MAX = f32(3.4028234663852886e38)
 
 
 @kernel
-def nearest_neighbour_codeword(neighbours, start, positions, xval, weight, scale, levels):
-    """ggml's iq2_find_best_neighbour / iq3_find_best_neighbour on any grid: among the neighbour list at
-    ``neighbours[start]`` (a count, then codeword indices), the codeword of least ``Σ weight·(scale·p - x)²``
-    (the first of equal ones). Writes its level indices into ``levels``; returns its index."""
+def nearest_neighbour_codeword(neighbours, start, grid_levels, level_values, xval, weight, scale, levels):
+    """ggml's iq2_find_best_neighbour, iq3_find_best_neighbour and iq1_find_best_neighbour2 on any grid: among
+    the neighbour list at ``neighbours[start]`` (a count, then codeword indices), the codeword of least
+    ``Σ weight·(scale·q - x)²`` (the first of equals), where q is ``level_values`` of the codeword's level
+    indices ``grid_levels[index]`` (2l + 1 for IQ2/IQ3, IQ1's shifted -1/0/1). Writes its level indices into
+    ``levels``; returns its index."""
     best_d2 = _FLT_MAX
     best = -1
     for j in range(1, neighbours[start] + 1):
         index = neighbours[start + j]
         d2 = f32(0.0)
         for i in range(xval.shape[0]):
-            diff = scale * f32(positions[index, i]) - xval[i]
+            diff = scale * level_values[grid_levels[index, i]] - xval[i]
             d2 += weight[i] * diff * diff
         if d2 < best_d2:
             best_d2 = d2
             best = index
+    best = max(best, 0)  # ggml aborts (or reads out of bounds) where no distance is below FLT_MAX
     for i in range(xval.shape[0]):
-        levels[i] = (positions[best, i] - 1) // 2
+        levels[i] = grid_levels[best, i]
     return best
 
 
 @kernel
-def codeword_of(xval, inverse_scale, scale, weight, max_level, bits, index_map, neighbours, positions, levels):
+def codeword_of(xval, inverse_scale, scale, weight, max_level, bits, index_map, neighbours, grid_levels,
+                level_values, levels):
     """One codeword of the i-quants' searches: each |x| rounded to its level ``nearest_int(0.5·(x/scale - 1))``
     in [0, max_level); the pattern's codeword where it is one, else its best neighbour under ``scale``.
     Writes ``levels``; returns (codeword index, whether the rounded pattern was on the grid)."""
@@ -466,7 +470,8 @@ def codeword_of(xval, inverse_scale, scale, weight, max_level, bits, index_map, 
     index = index_map[pattern]
     if index >= 0:
         return index, True
-    return nearest_neighbour_codeword(neighbours, -index - 1, positions, xval, weight, scale, levels), False
+    return nearest_neighbour_codeword(neighbours, -index - 1, grid_levels, level_values, xval, weight, scale,
+                                      levels), False
 
 
 @kernel
@@ -483,7 +488,8 @@ def codeword_fit(xval, weight, levels):
 
 @kernel
 def codeword_scale_search(xval, weight, waux, reference, scale, n_steps, step, max_level, bits, index_map,
-                          neighbours, positions, on_grid_start, recompute_always, recompute_all, levels):
+                          neighbours, grid_levels, level_values, on_grid_start, recompute_always, recompute_all,
+                          levels):
     """The scale search shared by quantize_row_iq2_xxs/iq2_xs/iq2_s/iq3_xxs/iq3_s_impl on one sub-block of
     magnitudes ``xval``: for each inverse scale ``(2·max_level - 1 + is·step)/reference``, is in
     -n_steps..n_steps, every codeword rounded (``codeword_of``, neighbours weighed by ``waux``), keeping the
@@ -491,7 +497,7 @@ def codeword_scale_search(xval, weight, waux, reference, scale, n_steps, step, m
     only where one kept was off the grid, for every codeword or only those — and the scale refitted.
     ``scale``: the one kept when no candidate fits. Writes ``levels``; returns the scale."""
     n = xval.shape[0]
-    width = positions.shape[1]
+    width = grid_levels.shape[1]
     n_codewords = n // width
     trial = np.empty(n, dtype=np.int32)
     on_grid = np.empty(n_codewords, dtype=np.bool_)
@@ -505,7 +511,7 @@ def codeword_scale_search(xval, weight, waux, reference, scale, n_steps, step, m
         for k in range(n_codewords):
             part = slice(width * k, width * (k + 1))
             _, trial_on_grid[k] = codeword_of(xval[part], inverse, this_scale, waux[part], max_level, bits,
-                                              index_map, neighbours, positions, trial[part])
+                                              index_map, neighbours, grid_levels, level_values, trial[part])
         sum_qx, sum_q2 = codeword_fit(xval, weight, trial)
         if sum_q2 > 0 and sum_qx * sum_qx > best * sum_q2:
             scale = sum_qx / sum_q2
@@ -521,7 +527,7 @@ def codeword_scale_search(xval, weight, waux, reference, scale, n_steps, step, m
             if recompute_all or not on_grid[k]:
                 part = slice(width * k, width * (k + 1))
                 codeword_of(xval[part], inverse, scale, waux[part], max_level, bits, index_map, neighbours,
-                            positions, levels[part])
+                            grid_levels, level_values, levels[part])
         sum_qx, sum_q2 = codeword_fit(xval, weight, levels)
         if sum_q2 > 0:
             scale = sum_qx / sum_q2
