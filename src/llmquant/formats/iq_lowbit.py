@@ -58,13 +58,18 @@ class CodebookSearch:
     recompute_always: bool  # IQ2_XXS re-rounds under the kept scale even when every codeword was on the grid
     recompute_all: bool  # re-round every codeword, not only those that were off the grid
     scale_fudge: float  # the stored super-block scale is (max scale / 31)·fudge
+    # IQ2_S, IQ3_S write into the block as they go: a block whose scales all come out 0 keeps its codewords
+    clear_unscaled_block: bool = True
+    # IQ3_S advances its codeword and sign bytes only past sub-blocks it searched, so a skipped (all-zero)
+    # sub-block's slots hold the next ones' low bytes and signs (the high index bits stay in place)
+    compact_skipped: bool = False
 
 
 @kernel
 def _codebook_search(x, importance, has_importance, sub_block, parity_signs, sigma2_factor, plain_sigma_share,
                      group_max_eps, start_from_qp, n_steps, step, max_level, bits, index_map, neighbours,
                      grid_levels, level_values, on_grid_start, recompute_always, recompute_all, scale_fudge,
-                     super_scale_bits, sub_scales, levels):
+                     clear_unscaled_block, compact_skipped, super_scale_bits, sub_scales, levels):
     n_blocks = x.shape[0]
     width = grid_levels.shape[1]
     n_sub = QK_K // sub_block
@@ -77,12 +82,18 @@ def _codebook_search(x, importance, has_importance, sub_block, parity_signs, sig
     signs = np.empty(sub_block // SIGN_GROUP, dtype=np.int32)
     scales = np.empty(n_sub, dtype=np.float32)
     sign_mask = 127 if parity_signs else 255
+    n_codewords = QK_K // width
+    low_bytes = np.empty(n_codewords, dtype=np.int32)  # ggml's bytes as it writes them: index low 8 bits,
+    high_bits = np.empty(n_codewords, dtype=np.int32)  # the bits above, and the sign byte of each 8 weights
+    sign_bytes = np.empty(QK_K // SIGN_GROUP, dtype=np.int32)
     for b in range(n_blocks):
+        low_bytes[:] = 0
+        high_bits[:] = 0
+        sign_bytes[:] = 0
+        slot = 0
         xbl = x[b]
         sigma2 = f32(sigma2_factor) * sequential_sum_of_squares(xbl) / f32(QK_K)
         max_scale = f32(0.0)
-        for c in range(QK_K // width):
-            levels[b, c] = 0
         for ib in range(n_sub):
             xb = xbl[ib * sub_block:(ib + 1) * sub_block]
             for i in range(sub_block):
@@ -137,21 +148,37 @@ def _codebook_search(x, importance, has_importance, sub_block, parity_signs, sig
                 scale = -scale
                 for k in range(sub_block // SIGN_GROUP):
                     signs[k] = ~signs[k] & sign_mask
+            target = slot if compact_skipped else ib
             for k in range(per_sub):
                 pattern = 0
                 for i in range(width):
                     pattern |= block_levels[width * k + i] << (bits * i)
-                first = width * k
-                sign_bits = (signs[first // SIGN_GROUP] >> (first % SIGN_GROUP)) & ((1 << width) - 1)
-                levels[b, ib * per_sub + k] = index_map[pattern] | (sign_bits << SIGN_SHIFT)
+                index = index_map[pattern]
+                low_bytes[target * per_sub + k] = index & 255
+                high_bits[ib * per_sub + k] = index >> 8
+            for k in range(sub_block // SIGN_GROUP):
+                stored = signs[k] & sign_mask
+                if parity_signs:  # the 8th sign as the dequantizer's ksigns table restores it: even parity
+                    parity = 0
+                    for i in range(7):
+                        parity ^= (stored >> i) & 1
+                    stored |= parity << 7
+                sign_bytes[target * (sub_block // SIGN_GROUP) + k] = stored
+            slot += 1
             scales[ib] = scale
             max_scale = max_scale if max_scale > scale else scale
+        super_scale_bits[b] = 0
+        for ib in range(n_sub):
+            sub_scales[b, ib] = 0
+        if max_scale == 0 and clear_unscaled_block:
+            low_bytes[:] = 0
+            high_bits[:] = 0
+            sign_bytes[:] = 0
+        for c in range(n_codewords):
+            first = width * c
+            sign_bits = (sign_bytes[first // SIGN_GROUP] >> (first % SIGN_GROUP)) & ((1 << width) - 1)
+            levels[b, c] = low_bytes[c] | (high_bits[c] << 8) | (sign_bits << SIGN_SHIFT)
         if max_scale == 0:
-            super_scale_bits[b] = 0
-            for ib in range(n_sub):
-                sub_scales[b, ib] = 0
-            for c in range(QK_K // width):
-                levels[b, c] = 0
             continue
         d = max_scale / f32(31.0)
         super_scale_bits[b] = fp16_bits(d * f32(scale_fudge))
@@ -248,7 +275,7 @@ class CodebookFormat(BlockFormat):
                          config.start_from_qp, config.n_steps, config.step, config.max_level, grid.bits,
                          grid.index_map, grid.neighbours, grid.levels, grid.odd_positions, config.on_grid_start,
                          config.recompute_always, config.recompute_all, config.scale_fudge,
-                         super_scale_bits, sub_scales, levels)
+                         config.clear_unscaled_block, config.compact_skipped, super_scale_bits, sub_scales, levels)
         return (fp16_tensor(super_scale_bits), sub_scales), levels
 
     def sub_block_scales(self, params: CodebookParams) -> torch.Tensor:
@@ -416,7 +443,7 @@ class IQ2_S(CodebookFormat):
     searcher = CodebookSearch(
         grid="iq2s", sub_block=16, max_level=3, parity_signs=False, sigma2_factor=2.0, plain_sigma_share=0.25,
         group_max_eps=1e-8, start_from_qp=False, n_steps=9, step=0.1, on_grid_start=True,
-        recompute_always=False, recompute_all=False, scale_fudge=0.9875)
+        recompute_always=False, recompute_all=False, scale_fudge=0.9875, clear_unscaled_block=False)
     sub_scale_offset, sub_scale_factor = 0.5, 0.25
 
     def pack(self, levels: torch.Tensor, params: CodebookParams) -> torch.Tensor:
@@ -481,7 +508,8 @@ class IQ3_S(CodebookFormat):
     searcher = CodebookSearch(
         grid="iq3s", sub_block=32, max_level=8, parity_signs=False, sigma2_factor=2.0, plain_sigma_share=0.0,
         group_max_eps=0.0, start_from_qp=False, n_steps=9, step=0.2, on_grid_start=False,
-        recompute_always=False, recompute_all=True, scale_fudge=1.033)
+        recompute_always=False, recompute_all=True, scale_fudge=1.033, clear_unscaled_block=False,
+        compact_skipped=True)
     sub_scale_offset, sub_scale_factor = 1.0, 2.0  # dequantize_row_iq3_s: d·(1 + 2·ls)
 
     def sub_block_scales(self, params: CodebookParams) -> torch.Tensor:
