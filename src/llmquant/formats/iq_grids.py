@@ -66,10 +66,14 @@ class CodewordGrid:
     def width(self) -> int:
         return self.values.shape[1]
 
-    @property
+    @functools.cached_property
     def odd_positions(self) -> np.ndarray:
-        """float32 ``2l + 1`` of each level l: what the IQ2/IQ3 searches fit a scale to."""
-        return np.arange(1, 2 << self.bits, 2, dtype=np.float32)
+        """float32 ``[n, width]``: each codeword's ``2l + 1``, what the IQ2/IQ3 searches fit a scale to."""
+        return self.positions.astype(np.float32)
+
+    def level_values(self, values_of_levels: np.ndarray) -> np.ndarray:
+        """float32 ``[n, width]``: each codeword with its levels read through ``values_of_levels``."""
+        return np.ascontiguousarray(np.asarray(values_of_levels, dtype=np.float32)[self.levels])
 
 
 @functools.cache

@@ -14,6 +14,7 @@ low 16 bits and the signs of its weights above (bit 16 + i: weight i negative).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,10 +25,12 @@ from llmquant.formats.base import BlockFormat, fp16_tensor
 from llmquant.formats.iq_grids import CodewordGrid, codeword_grid, sign_table
 from llmquant.formats.legacy import fp16_bytes, fp16_from_bytes
 from llmquant.formats.search import (
+    FLT_MAX,
     GROUP_MAX_EPS,
     codeword_scale_search,
     f32,
     fp16_bits,
+    inline_kernel,
     kernel,
     make_qp_quants,
     nearest_int,
@@ -68,7 +71,7 @@ class CodebookSearch:
 @kernel
 def _codebook_search(x, importance, has_importance, sub_block, parity_signs, sigma2_factor, plain_sigma_share,
                      group_max_eps, start_from_qp, n_steps, step, max_level, bits, index_map, neighbours,
-                     grid_levels, level_values, on_grid_start, recompute_always, recompute_all, scale_fudge,
+                     grid_values, grid_levels, on_grid_start, recompute_always, recompute_all, scale_fudge,
                      clear_unscaled_block, compact_skipped, super_scale_bits, sub_scales, levels):
     n_blocks = x.shape[0]
     width = grid_levels.shape[1]
@@ -78,6 +81,9 @@ def _codebook_search(x, importance, has_importance, sub_block, parity_signs, sig
     waux = np.empty(sub_block, dtype=np.float32)
     xval = np.empty(sub_block, dtype=np.float32)
     block_levels = np.empty(sub_block, dtype=np.int32)
+    trial = np.empty(sub_block, dtype=np.int32)
+    on_grid = np.empty(sub_block // width, dtype=np.bool_)
+    trial_on_grid = np.empty(sub_block // width, dtype=np.bool_)
     qp_levels = np.empty(sub_block, dtype=np.uint8)
     signs = np.empty(sub_block // SIGN_GROUP, dtype=np.int32)
     scales = np.empty(n_sub, dtype=np.float32)
@@ -142,8 +148,9 @@ def _codebook_search(x, importance, has_importance, sub_block, parity_signs, sig
                 scale = largest / f32(2 * max_level - 1)
             block_levels[:] = 0
             scale = codeword_scale_search(xval, weight, waux, reference, scale, n_steps, f32(step), max_level,
-                                          bits, index_map, neighbours, grid_levels, level_values, on_grid_start,
-                                          recompute_always, recompute_all, block_levels)
+                                          bits, index_map, neighbours, grid_values, grid_levels, on_grid_start,
+                                          recompute_always, recompute_all, block_levels, trial, on_grid,
+                                          trial_on_grid)
             if scale < 0:  # ggml: "should never happen": store the flipped signs with a positive scale
                 scale = -scale
                 for k in range(sub_block // SIGN_GROUP):
@@ -273,7 +280,7 @@ class CodebookFormat(BlockFormat):
         _codebook_search(blocks, weights, has_importance, config.sub_block, config.parity_signs,
                          config.sigma2_factor, config.plain_sigma_share or 0.0, config.group_max_eps,
                          config.start_from_qp, config.n_steps, config.step, config.max_level, grid.bits,
-                         grid.index_map, grid.neighbours, grid.levels, grid.odd_positions, config.on_grid_start,
+                         grid.index_map, grid.neighbours, grid.odd_positions, grid.levels, config.on_grid_start,
                          config.recompute_always, config.recompute_all, config.scale_fudge,
                          config.clear_unscaled_block, config.compact_skipped, super_scale_bits, sub_scales, levels)
         return (fp16_tensor(super_scale_bits), sub_scales), levels
@@ -539,10 +546,15 @@ IQ1_DELTA = 0.125  # IQ1S_DELTA, IQ1M_DELTA
 # x_p and x_m of quantize_row_iq1_s_impl/iq1_m_impl: the codeword levels 0, 1, 2 under a +delta and a -delta shift
 _IQ1_SHIFTED = np.array([[-1 + IQ1_DELTA, IQ1_DELTA, 1 + IQ1_DELTA],
                          [-1 - IQ1_DELTA, -IQ1_DELTA, 1 - IQ1_DELTA]], dtype=np.float32)
-_FLT_MAX = f32(3.4028234663852886e38)
 
 
-@kernel
+@functools.cache
+def _shifted_grids() -> np.ndarray:
+    grid = codeword_grid("iq1s")
+    return np.stack([grid.level_values(_IQ1_SHIFTED[0]), grid.level_values(_IQ1_SHIFTED[1])])
+
+
+@inline_kernel
 def _stable_order(x, order):
     """The indices of x in ascending order, equal values in their order: glibc's qsort (a merge sort) of
     ggml's (value, index) pairs."""
@@ -555,10 +567,10 @@ def _stable_order(x, order):
         order[k] = j
 
 
-@kernel
-def _iq1_codewords(xb, weight, scale, shifted_of, L, index_map, neighbours, grid_levels, codewords):
+@inline_kernel
+def _iq1_codewords(xb, weight, scale, shift_of, L, index_map, neighbours, shifted_grids, grid_levels, codewords):
     """The codewords of one sub-block's split levels ``L`` (on the grid, else the best neighbour under each
-    codeword's shifted values ``shifted_of[k]``) and the scale refitted where one was off the grid."""
+    codeword's shifted grid ``shifted_grids[shift_of[k]]``) and the scale refitted where one was off the grid."""
     all_on_grid = True
     for k in range(codewords.shape[0]):
         pattern = 0
@@ -567,8 +579,8 @@ def _iq1_codewords(xb, weight, scale, shifted_of, L, index_map, neighbours, grid
         index = index_map[pattern]
         if index < 0:
             all_on_grid = False
-            index = nearest_neighbour_codeword(neighbours, -index - 1, grid_levels, shifted_of[k], xb[8 * k:8 * k + 8],
-                                               weight[8 * k:8 * k + 8], scale, L[8 * k:8 * k + 8])
+            index = nearest_neighbour_codeword(neighbours, -index - 1, shifted_grids[shift_of[k]], grid_levels, xb,
+                                               weight, 8 * k, scale, L)
         codewords[k] = index
     if not all_on_grid:
         sum_qx = f32(0.0)
@@ -576,7 +588,7 @@ def _iq1_codewords(xb, weight, scale, shifted_of, L, index_map, neighbours, grid
         for k in range(codewords.shape[0]):
             for j in range(8):
                 w = weight[8 * k + j]
-                q = shifted_of[k][grid_levels[codewords[k], j]]
+                q = shifted_grids[shift_of[k], codewords[k], j]
                 sum_qx += w * q * xb[8 * k + j]
                 sum_q2 += w * q * q
         if sum_qx > 0 and sum_q2 > 0:
@@ -584,13 +596,13 @@ def _iq1_codewords(xb, weight, scale, shifted_of, L, index_map, neighbours, grid
     return scale
 
 
-@kernel
+@inline_kernel
 def _iq1_weights(xb, qw, has_importance, sigma2, weight):
     for i in range(xb.shape[0]):
         weight[i] = qw[i] * np.sqrt(sigma2 + xb[i] * xb[i]) if has_importance else xb[i] * xb[i]
 
 
-@kernel
+@inline_kernel
 def _largest_magnitude(xb):
     largest = abs(xb[0])
     for i in range(1, xb.shape[0]):
@@ -599,7 +611,8 @@ def _largest_magnitude(xb):
 
 
 @kernel
-def _iq1_s_search(x, importance, shifted, index_map, neighbours, grid_levels, super_scale_bits, nibbles, levels):
+def _iq1_s_search(x, importance, shifted, index_map, neighbours, shifted_grids, grid_levels, super_scale_bits,
+                  nibbles, levels):
     # quantize_row_iq1_s_impl: 32-weight sub-blocks, one shift per sub-block
     sub = 32
     weight = np.empty(sub, dtype=np.float32)
@@ -608,7 +621,7 @@ def _iq1_s_search(x, importance, shifted, index_map, neighbours, grid_levels, su
     sum_w = np.empty(sub + 1, dtype=np.float32)
     L = np.empty(sub, dtype=np.int32)
     codewords = np.empty(4, dtype=np.int32)
-    shifted_of = np.empty((4, 3), dtype=np.float32)
+    shift_of = np.empty(4, dtype=np.int32)
     scales = np.empty(QK_K // sub, dtype=np.float32)
     shifts = np.empty(QK_K // sub, dtype=np.int32)
     for b in range(x.shape[0]):
@@ -632,7 +645,7 @@ def _iq1_s_search(x, importance, shifted, index_map, neighbours, grid_levels, su
                 sum_x[j + 1] = sum_x[j] + weight[i] * xb[i]
                 sum_w[j + 1] = sum_w[j] + weight[i]
             # the exact weighted fit of every split of the sorted weights into levels -1, 0, 1, either shift
-            best_score = -_FLT_MAX
+            best_score = -FLT_MAX
             best1 = -1
             best2 = -1
             best_shift = 0
@@ -659,9 +672,9 @@ def _iq1_s_search(x, importance, shifted, index_map, neighbours, grid_levels, su
                     L[j] = 2 - L[j]
                 scale = -scale
                 best_shift = -best_shift
-            for k in range(4):
-                shifted_of[k] = shifted[0 if best_shift == 1 else 1]
-            scale = _iq1_codewords(xb, weight, scale, shifted_of, L, index_map, neighbours, grid_levels, codewords)
+            shift_of[:] = 0 if best_shift == 1 else 1
+            scale = _iq1_codewords(xb, weight, scale, shift_of, L, index_map, neighbours, shifted_grids, grid_levels,
+                                   codewords)
             for k in range(4):
                 levels[b, 4 * ib + k] = codewords[k]
             scales[ib] = scale
@@ -681,8 +694,8 @@ def _iq1_s_search(x, importance, shifted, index_map, neighbours, grid_levels, su
 
 
 @kernel
-def _iq1_m_search(x, importance, has_importance, shifted, index_map, neighbours, grid_levels, super_scale_bits,
-                  sub_scales, levels):
+def _iq1_m_search(x, importance, has_importance, shifted, index_map, neighbours, shifted_grids, grid_levels,
+                  super_scale_bits, sub_scales, levels):
     # quantize_row_iq1_m_impl: 16-weight sub-blocks, a shift per 8 weights, the super-block scale refitted
     sub = 16
     half = sub // 2
@@ -694,7 +707,7 @@ def _iq1_m_search(x, importance, has_importance, shifted, index_map, neighbours,
     sum_q2 = np.empty(4, dtype=np.float32)
     L = np.empty(sub, dtype=np.int32)
     codewords = np.empty(2, dtype=np.int32)
-    shifted_of = np.empty((2, 3), dtype=np.float32)
+    shift_of = np.empty(2, dtype=np.int32)
     scales = np.empty(QK_K // sub, dtype=np.float32)
     shifts = np.empty(QK_K // sub, dtype=np.int32)
     x_p = shifted[0]
@@ -731,7 +744,7 @@ def _iq1_m_search(x, importance, has_importance, shifted, index_map, neighbours,
                 px[1 - h, j + 1] = px[1 - h, j]
                 pw[h, j + 1] = pw[h, j] + weight[i]
                 pw[1 - h, j + 1] = pw[1 - h, j]
-            best_score = -_FLT_MAX
+            best_score = -FLT_MAX
             best1 = -1
             best2 = -1
             best_k = -1
@@ -771,9 +784,10 @@ def _iq1_m_search(x, importance, has_importance, shifted, index_map, neighbours,
                     L[j] = 2 - L[j]
                 scale = -scale
                 best_k = 3 - best_k
-            shifted_of[0] = shifted[0 if best_k < 2 else 1]
-            shifted_of[1] = shifted[0 if best_k % 2 == 0 else 1]
-            scale = _iq1_codewords(xb, weight, scale, shifted_of, L, index_map, neighbours, grid_levels, codewords)
+            shift_of[0] = 0 if best_k < 2 else 1
+            shift_of[1] = 0 if best_k % 2 == 0 else 1
+            scale = _iq1_codewords(xb, weight, scale, shift_of, L, index_map, neighbours, shifted_grids, grid_levels,
+                                   codewords)
             for k in range(2):
                 levels[b, 2 * ib + k] = codewords[k]
             scales[ib] = scale
@@ -836,6 +850,11 @@ class IQ1Format(CodebookFormat):
     @property
     def grid(self) -> CodewordGrid:
         return codeword_grid("iq1s")
+
+    @property
+    def shifted_grids(self) -> np.ndarray:
+        """float32 [2, 2048, 8]: the grid's levels read as x_p, then as x_m (the searches' q)."""
+        return _shifted_grids()
 
     def _values(self, device) -> torch.Tensor:
         return torch.from_numpy(self.grid.values.astype(np.float32)).to(device)
@@ -908,8 +927,8 @@ class IQ1_S(IQ1Format):
         super_scale_bits = np.empty(n, dtype=np.uint16)
         nibbles = np.empty((n, 8), dtype=np.uint8)
         levels = np.empty((n, 32), dtype=np.int32)
-        _iq1_s_search(blocks, importance, _IQ1_SHIFTED, grid.index_map, grid.neighbours, grid.levels,
-                      super_scale_bits, nibbles, levels)
+        _iq1_s_search(blocks, importance, _IQ1_SHIFTED, grid.index_map, grid.neighbours, self.shifted_grids,
+                      grid.levels, super_scale_bits, nibbles, levels)
         return (fp16_tensor(super_scale_bits), nibbles), levels
 
     def reconstruct(self, params: IQ1SParams) -> ShiftedGrid:
@@ -961,8 +980,8 @@ class IQ1_M(IQ1Format):
         levels = np.empty((n, 32), dtype=np.int32)
         has_importance = importance is not None
         weights = importance if has_importance else np.empty((0, QK_K), dtype=np.float32)
-        _iq1_m_search(blocks, weights, has_importance, _IQ1_SHIFTED, grid.index_map, grid.neighbours, grid.levels,
-                      super_scale_bits, sub_scales, levels)
+        _iq1_m_search(blocks, weights, has_importance, _IQ1_SHIFTED, grid.index_map, grid.neighbours,
+                      self.shifted_grids, grid.levels, super_scale_bits, sub_scales, levels)
         return (fp16_tensor(super_scale_bits), sub_scales), levels
 
     def reconstruct(self, params: IQ1MParams) -> ShiftedGrid:

@@ -27,6 +27,8 @@ from numba.extending import intrinsic
 
 # one set of compile options for every format's code: cached on disk by numba, threads run without the GIL
 kernel = numba.njit(cache=True, nogil=True, error_model="numpy")
+# small helpers called in the innermost loops: inlined into their callers by numba itself
+inline_kernel = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 
 f32 = np.float32
 # a constant passed on to a kernel as i64(16) is typed int64, not Literal[int](16): numba compiles a kernel once
@@ -427,54 +429,58 @@ def sequential_sum_of_squares(x):
     return total
 
 
-# ---- the low-bit i-quants' codeword searches (IQ2_*, IQ3_*), over any grid of iq_grids.CodewordGrid ----
+# ---- the low-bit i-quants' codeword searches (IQ1_*, IQ2_*, IQ3_*), over any grid of iq_grids.CodewordGrid ----
+# A codeword is ``width`` consecutive entries of a sub-block's arrays, passed as the arrays and its first index
+# ``at`` (slices inside these loops would cost a reference count each).
 
-_FLT_MAX = f32(3.4028234663852886e38)
+FLT_MAX = f32(3.4028234663852886e38)
 
 
-@kernel
-def nearest_neighbour_codeword(neighbours, start, grid_levels, level_values, xval, weight, scale, levels):
+@inline_kernel
+def nearest_neighbour_codeword(neighbours, start, grid_values, grid_levels, xval, weight, at, scale, levels):
     """ggml's iq2_find_best_neighbour, iq3_find_best_neighbour and iq1_find_best_neighbour2 on any grid: among
     the neighbour list at ``neighbours[start]`` (a count, then codeword indices), the codeword of least
-    ``Σ weight·(scale·q - x)²`` (the first of equals), where q is ``level_values`` of the codeword's level
-    indices ``grid_levels[index]`` (2l + 1 for IQ2/IQ3, IQ1's shifted -1/0/1). Writes its level indices into
-    ``levels``; returns its index."""
-    best_d2 = _FLT_MAX
+    ``Σ weight·(scale·q - x)²`` (the first of equals) over the codeword at ``at``, where q is the codeword's
+    value in ``grid_values`` (float32 [n_grid, width]: 2l + 1 for IQ2/IQ3, IQ1's shifted -1/0/1). Writes its
+    level indices ``grid_levels[index]`` into ``levels[at:]``; returns its index."""
+    width = grid_values.shape[1]
+    best_d2 = FLT_MAX
     best = -1
     for j in range(1, neighbours[start] + 1):
         index = neighbours[start + j]
         d2 = f32(0.0)
-        for i in range(xval.shape[0]):
-            diff = scale * level_values[grid_levels[index, i]] - xval[i]
-            d2 += weight[i] * diff * diff
+        for i in range(width):
+            diff = scale * grid_values[index, i] - xval[at + i]
+            d2 += weight[at + i] * diff * diff
         if d2 < best_d2:
             best_d2 = d2
             best = index
     best = max(best, 0)  # ggml aborts (or reads out of bounds) where no distance is below FLT_MAX
-    for i in range(xval.shape[0]):
-        levels[i] = grid_levels[best, i]
+    for i in range(width):
+        levels[at + i] = grid_levels[best, i]
     return best
 
 
-@kernel
-def codeword_of(xval, inverse_scale, scale, weight, max_level, bits, index_map, neighbours, grid_levels,
-                level_values, levels):
+@inline_kernel
+def codeword_of(xval, at, inverse_scale, scale, weight, max_level, bits, index_map, neighbours, grid_values,
+                grid_levels, levels):
     """One codeword of the i-quants' searches: each |x| rounded to its level ``nearest_int(0.5·(x/scale - 1))``
     in [0, max_level); the pattern's codeword where it is one, else its best neighbour under ``scale``.
-    Writes ``levels``; returns (codeword index, whether the rounded pattern was on the grid)."""
+    Writes ``levels[at:]``; returns (codeword index, whether the rounded pattern was on the grid)."""
     pattern = 0
-    for i in range(xval.shape[0]):
-        level = max(0, min(max_level - 1, nearest_int(f32(0.5) * (inverse_scale * xval[i] - f32(1.0)))))
-        levels[i] = level
+    for i in range(grid_values.shape[1]):
+        level = max(0, min(max_level - 1, nearest_int(f32(0.5) * (inverse_scale * xval[at + i] - f32(1.0)))))
+        levels[at + i] = level
         pattern |= level << (bits * i)
     index = index_map[pattern]
     if index >= 0:
         return index, True
-    return nearest_neighbour_codeword(neighbours, -index - 1, grid_levels, level_values, xval, weight, scale,
-                                      levels), False
+    index = nearest_neighbour_codeword(neighbours, -index - 1, grid_values, grid_levels, xval, weight, at, scale,
+                                       levels)
+    return index, False
 
 
-@kernel
+@inline_kernel
 def codeword_fit(xval, weight, levels):
     """(Σ w·x·q, Σ w·q²) of the odd positions q = 2l + 1, summed in ggml's order."""
     sum_qx = f32(0.0)
@@ -486,22 +492,19 @@ def codeword_fit(xval, weight, levels):
     return sum_qx, sum_q2
 
 
-@kernel
+@inline_kernel
 def codeword_scale_search(xval, weight, waux, reference, scale, n_steps, step, max_level, bits, index_map,
-                          neighbours, grid_levels, level_values, on_grid_start, recompute_always, recompute_all,
-                          levels):
+                          neighbours, grid_values, grid_levels, on_grid_start, recompute_always, recompute_all,
+                          levels, trial, on_grid, trial_on_grid):
     """The scale search shared by quantize_row_iq2_xxs/iq2_xs/iq2_s/iq3_xxs/iq3_s_impl on one sub-block of
     magnitudes ``xval``: for each inverse scale ``(2·max_level - 1 + is·step)/reference``, is in
     -n_steps..n_steps, every codeword rounded (``codeword_of``, neighbours weighed by ``waux``), keeping the
     weighted least-squares scale that fits best; then the codewords once more under the kept scale — always or
     only where one kept was off the grid, for every codeword or only those — and the scale refitted.
-    ``scale``: the one kept when no candidate fits. Writes ``levels``; returns the scale."""
-    n = xval.shape[0]
-    width = grid_levels.shape[1]
-    n_codewords = n // width
-    trial = np.empty(n, dtype=np.int32)
-    on_grid = np.empty(n_codewords, dtype=np.bool_)
-    trial_on_grid = np.empty(n_codewords, dtype=np.bool_)
+    ``scale``: the one kept when no candidate fits. Writes ``levels``; returns the scale. ``trial`` (like
+    levels), ``on_grid`` and ``trial_on_grid`` (one per codeword): scratch."""
+    width = grid_values.shape[1]
+    n_codewords = xval.shape[0] // width
     for k in range(n_codewords):
         on_grid[k] = on_grid_start
     best = f32(0.0)
@@ -509,9 +512,8 @@ def codeword_scale_search(xval, weight, waux, reference, scale, n_steps, step, m
         inverse = (f32(2 * max_level - 1) + f32(s) * step) / reference
         this_scale = f32(1.0) / inverse
         for k in range(n_codewords):
-            part = slice(width * k, width * (k + 1))
-            _, trial_on_grid[k] = codeword_of(xval[part], inverse, this_scale, waux[part], max_level, bits,
-                                              index_map, neighbours, grid_levels, level_values, trial[part])
+            _, trial_on_grid[k] = codeword_of(xval, width * k, inverse, this_scale, waux, max_level, bits,
+                                              index_map, neighbours, grid_values, grid_levels, trial)
         sum_qx, sum_q2 = codeword_fit(xval, weight, trial)
         if sum_q2 > 0 and sum_qx * sum_qx > best * sum_q2:
             scale = sum_qx / sum_q2
@@ -525,9 +527,8 @@ def codeword_scale_search(xval, weight, waux, reference, scale, n_steps, step, m
         inverse = f32(1.0) / scale
         for k in range(n_codewords):
             if recompute_all or not on_grid[k]:
-                part = slice(width * k, width * (k + 1))
-                codeword_of(xval[part], inverse, scale, waux[part], max_level, bits, index_map, neighbours,
-                            grid_levels, level_values, levels[part])
+                codeword_of(xval, width * k, inverse, scale, waux, max_level, bits, index_map, neighbours,
+                            grid_values, grid_levels, levels)
         sum_qx, sum_q2 = codeword_fit(xval, weight, levels)
         if sum_q2 > 0:
             scale = sum_qx / sum_q2
