@@ -323,41 +323,67 @@ class CodebookFormat(BlockFormat):
         return self.reconstruct(params).weights(levels)
 
 
+@inline_kernel
+def _best_codeword(scale, values, magnitude, first):
+    """(index, squared error) of the grid entry nearest to ``magnitude[first:first + width]`` under ``scale``."""
+    best = 0
+    best_error = np.inf
+    for j in range(values.shape[0]):
+        error = 0.0
+        for i in range(values.shape[1]):
+            diff = scale * values[j, i] - magnitude[first + i]
+            error += diff * diff
+        if error < best_error:
+            best_error = error
+            best = j
+    return best, best_error
+
+
 @kernel
 def _nearest_codewords(x, scale, values, parity_signs, levels):
-    """encode's kernel: per 8 weights the signs, per codeword the grid entry of least Σ(scale·v - |x|)²."""
-    n_grid, width = values.shape
-    magnitude = np.empty(SIGN_GROUP, dtype=np.float32)
+    """encode's kernel: per 8 weights their signs, per codeword the grid entry of least Σ(scale·v - |x|)². Where
+    an odd count of signs cannot be stored (parity formats), every weight's sign is tried flipped and the flip
+    of least total error kept."""
+    width = values.shape[1]
+    per_group = SIGN_GROUP // width
+    magnitude = np.empty(SIGN_GROUP, dtype=np.float64)
+    index = np.empty(per_group, dtype=np.int64)
+    error = np.empty(per_group, dtype=np.float64)
     for b in range(x.shape[0]):
         for g in range(x.shape[1] // SIGN_GROUP):
             s = 0
-            least = 0
             for i in range(SIGN_GROUP):
                 v = x[b, SIGN_GROUP * g + i]
                 magnitude[i] = abs(v)
                 if v < 0:
-                    s |= 1 << i
-                if magnitude[i] < magnitude[least]:
-                    least = i
+                    s ^= 1 << i
+            for k in range(per_group):
+                index[k], error[k] = _best_codeword(scale[b, g * per_group + k], values, magnitude, width * k)
             odd = 0
             for i in range(SIGN_GROUP):
                 odd ^= (s >> i) & 1
             if parity_signs and odd:
-                s ^= 1 << least
-                magnitude[least] = -magnitude[least]
-            for k in range(SIGN_GROUP // width):
-                c = (SIGN_GROUP * g) // width + k
-                best = 0
-                best_error = np.inf
-                for j in range(n_grid):
-                    error = 0.0
-                    for i in range(width):
-                        diff = scale[b, c] * values[j, i] - magnitude[width * k + i]
-                        error += diff * diff
-                    if error < best_error:
-                        best_error = error
-                        best = j
-                levels[b, c] = best | (((s >> (width * k)) & ((1 << width) - 1)) << SIGN_SHIFT)
+                best_total = np.inf
+                best_flip = 0
+                best_index = 0
+                for f in range(SIGN_GROUP):
+                    k = f // width
+                    magnitude[f] = -magnitude[f]
+                    flipped, flipped_error = _best_codeword(scale[b, g * per_group + k], values, magnitude, width * k)
+                    magnitude[f] = -magnitude[f]
+                    total = flipped_error
+                    for other in range(per_group):
+                        if other != k:
+                            total += error[other]
+                    if total < best_total:
+                        best_total = total
+                        best_flip = f
+                        best_index = flipped
+                s ^= 1 << best_flip
+                index[best_flip // width] = best_index
+            for k in range(per_group):
+                signs = (s >> (width * k)) & ((1 << width) - 1)
+                levels[b, g * per_group + k] = index[k] | (signs << SIGN_SHIFT)
 
 
 # ==== IQ2_XXS ====
