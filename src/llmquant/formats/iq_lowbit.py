@@ -1,15 +1,20 @@
 """llama.cpp's 1- to 3-bit codebook i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M.
 
-Each 256-weight super-block has an fp16 scale and a 4-bit scale per sub-block (16 or 32 weights); the weights
-go by codewords of 8 (IQ2) or 4 (IQ3) magnitudes taken from a grid (``iq_grids``), and one sign per weight
-(IQ2_XXS, IQ2_XS, IQ3_XXS store 7 signs per 8 weights, the 8th making their parity even).
+IQ2/IQ3: each 256-weight super-block has an fp16 scale and a 4-bit scale per sub-block (16 or 32 weights); the
+weights go by codewords of 8 (IQ2) or 4 (IQ3) magnitudes taken from a grid (``iq_grids``), and one sign per
+weight (IQ2_XXS, IQ2_XS, IQ3_XXS store 7 signs per 8 weights, the 8th making their parity even). Their search is
+ggml-quants.c's ``quantize_row_iq2_xxs_impl`` … ``quantize_row_iq3_s_impl``, one numba kernel for the five
+(``_codebook_search``, configured by each format's ``CodebookSearch``) around the shared codeword search of
+``search.codeword_scale_search``.
 
-The search is ggml-quants.c's ``quantize_row_iq2_xxs_impl`` … ``quantize_row_iq3_s_impl``, one numba kernel
-for all five (``_codebook_search``, configured by each format's ``CodebookSearch``), around the shared
-codeword search of ``search.codeword_scale_search``; float32 in ggml's order, so the bytes are ggml's.
+IQ1_S/IQ1_M: codewords of 8 levels -1/0/1, shifted by ±1/8, and 3-bit scales; ggml's exhaustive split of the
+sorted weights (``quantize_row_iq1_s_impl``/``iq1_m_impl``), its misses on the grid resolved by the same
+neighbour search (``search.nearest_neighbour_codeword``) as IQ2/IQ3. Everything in float32 in ggml's order, so
+the bytes are ggml's.
 
 ``levels`` of these formats are one int32 per codeword, ``[n_blocks, 256 / width]``: the codeword index in the
-low 16 bits and the signs of its weights above (bit 16 + i: weight i negative).
+low 16 bits, and above it the signs of its weights (bit 16 + i: weight i negative) or, for IQ1_M, the sign of
+its shift (bit 16: -1/8). IQ1_S keeps its shift per 32 weights in the parameters (bit 3 of its 4-bit field).
 """
 
 from __future__ import annotations
