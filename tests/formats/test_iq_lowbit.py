@@ -37,6 +37,8 @@ def test_every_low_bit_format_is_registered_with_ggml_sizes():
         fmt = FORMATS[name]
         assert isinstance(fmt, CodebookFormat) and (fmt.block_size, fmt.bytes_per_block) == (256, size)
         assert fmt.needs_imatrix
+        assert fmt.weights_per_level == fmt.grid.width == (4 if name.startswith("IQ3") else 8)
+    assert all(fmt.weights_per_level == 1 for fmt in FORMATS.values() if not isinstance(fmt, CodebookFormat))
 
 
 @pytest.mark.parametrize("name", sorted(GRID_TABLES))

@@ -401,6 +401,7 @@ class IQ2_XXS(CodebookFormat):
     """
 
     name = "IQ2_XXS"
+    weights_per_level = 8
     bytes_per_block = 66
     searcher = CodebookSearch(
         grid="iq2xxs", sub_block=32, max_level=3, parity_signs=True, sigma2_factor=1.0, plain_sigma_share=None,
@@ -439,6 +440,7 @@ class IQ2_XS(CodebookFormat):
     """
 
     name = "IQ2_XS"
+    weights_per_level = 8
     bytes_per_block = 74
     searcher = CodebookSearch(
         grid="iq2xs", sub_block=16, max_level=3, parity_signs=True, sigma2_factor=1.0, plain_sigma_share=None,
@@ -477,6 +479,7 @@ class IQ2_S(CodebookFormat):
     """
 
     name = "IQ2_S"
+    weights_per_level = 8
     bytes_per_block = 82
     searcher = CodebookSearch(
         grid="iq2s", sub_block=16, max_level=3, parity_signs=False, sigma2_factor=2.0, plain_sigma_share=0.25,
@@ -509,6 +512,7 @@ class IQ3_XXS(CodebookFormat):
     """
 
     name = "IQ3_XXS"
+    weights_per_level = 4
     bytes_per_block = 98
     searcher = CodebookSearch(
         grid="iq3xxs", sub_block=32, max_level=8, parity_signs=True, sigma2_factor=2.0, plain_sigma_share=0.0,
@@ -542,6 +546,7 @@ class IQ3_S(CodebookFormat):
     """
 
     name = "IQ3_S"
+    weights_per_level = 4
     bytes_per_block = 110
     searcher = CodebookSearch(
         grid="iq3s", sub_block=32, max_level=8, parity_signs=False, sigma2_factor=2.0, plain_sigma_share=0.0,
@@ -946,6 +951,7 @@ class IQ1_S(IQ1Format):
     """
 
     name = "IQ1_S"
+    weights_per_level = 8
     bytes_per_block = 50
     Params = IQ1SParams
 
@@ -1000,6 +1006,7 @@ class IQ1_M(IQ1Format):
     """
 
     name = "IQ1_M"
+    weights_per_level = 8
     bytes_per_block = 56
     Params = IQ1MParams
 
