@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.formats.compare
 
 from llmquant.formats import FORMATS, quantize  # noqa: E402
-from llmquant.oracles.ggml import ggml_quantize  # noqa: E402
+from llmquant.oracles.ggml import ggml_quantize, ggml_requires_imatrix  # noqa: E402
 from tests.formats.compare import ALL_FORMATS, heavy_tailed, random_imatrix  # noqa: E402
 
 DOWN_PROJ = "model.layers.14.mlp.down_proj.weight"  # [576, 1536]: rows a multiple of 256
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             on_device = torch.from_numpy(weights).to(device)
             for with_imatrix in (False, True):
+                if not with_imatrix and ggml_requires_imatrix(type_name):
+                    continue  # ggml aborts without one (and ours refuses)
                 imatrix = random_imatrix(weights.shape[1], seed=1) if with_imatrix else None
                 imatrix_on_device = None if imatrix is None else torch.from_numpy(imatrix).to(device)
                 # warm-up: first-call costs (numba's compile or cache load, tables, the oracle's library) stay out

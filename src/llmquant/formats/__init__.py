@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from llmquant.formats import floats, iquants, kquants, legacy  # noqa: F401  (registers the formats)
+from llmquant.formats import floats, iq_lowbit, iquants, kquants, legacy  # noqa: F401  (registers the formats)
 from llmquant.formats.base import REGISTRY, BlockFormat, Grid
 
 FORMATS: dict[str, BlockFormat] = REGISTRY

@@ -74,6 +74,9 @@ class BlockFormat:
     # ggml's imatrix search also weighs by the mean square of the whole row (the legacy types): quantize_rows
     # passes it to the search as ``row_sigma2``
     uses_row_statistics: ClassVar[bool] = False
+    # weights one level stands for: 1 where each weight has its level on a Grid; 4 or 8 for the codebook
+    # i-quants (formats/iq_lowbit.py), whose levels are codewords and whose encode takes whole groups of 8
+    weights_per_level: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

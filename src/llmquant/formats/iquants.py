@@ -1,5 +1,5 @@
 """llama.cpp's importance-matrix i-quants: IQ4_NL (32-weight blocks) and IQ4_XS (256-weight super-blocks)
-on the non-linear 16-value grid. Later: IQ3_*, IQ2_*, IQ1_* with their grids as data.
+on the non-linear 16-value grid. The 1-3-bit codebook i-quants (IQ3_*, IQ2_*, IQ1_*) are in ``iq_lowbit``.
 
 Both follow ggml-quants.c's ``quantize_row_iq4_nl_impl`` as ``quantize_iq4_nl`` and ``quantize_iq4_xs`` call
 it (ntry = 7, with or without quant_weights): per 32-weight sub-block, a weighted least-squares scale chosen

@@ -27,6 +27,8 @@ from numba.extending import intrinsic
 
 # one set of compile options for every format's code: cached on disk by numba, threads run without the GIL
 kernel = numba.njit(cache=True, nogil=True, error_model="numpy")
+# small helpers called in the innermost loops: inlined into their callers by numba itself
+inline_kernel = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 
 f32 = np.float32
 # a constant passed on to a kernel as i64(16) is typed int64, not Literal[int](16): numba compiles a kernel once
@@ -374,7 +376,8 @@ def make_qp_quants(x, weights, levels, max_level):
     scale = f32(1.0) / iscale
     best_mse = f32(0.0)
     for i in range(n):
-        diff = x[i] - scale * f32(nearest_int(iscale * x[i]))
+        levels[i] = nearest_int(iscale * x[i])  # read back as C reads L[i]: a negative x wraps in a uint8 L
+        diff = x[i] - scale * f32(levels[i])
         best_mse += weights[i] * diff * diff
     for step in range(-4, 5):
         if step == 0:
@@ -424,3 +427,109 @@ def sequential_sum_of_squares(x):
     for i in range(x.shape[0]):
         total += x[i] * x[i]
     return total
+
+
+# ---- the low-bit i-quants' codeword searches (IQ1_*, IQ2_*, IQ3_*), over any grid of iq_grids.CodewordGrid ----
+# A codeword is ``width`` consecutive entries of a sub-block's arrays, passed as the arrays and its first index
+# ``at`` (slices inside these loops would cost a reference count each).
+
+FLT_MAX = f32(3.4028234663852886e38)
+
+
+@inline_kernel
+def nearest_neighbour_codeword(neighbours, start, grid_values, grid_levels, xval, weight, at, scale, levels):
+    """ggml's iq2_find_best_neighbour, iq3_find_best_neighbour and iq1_find_best_neighbour2 on any grid: among
+    the neighbour list at ``neighbours[start]`` (a count, then codeword indices), the codeword of least
+    ``Σ weight·(scale·q - x)²`` (the first of equals) over the codeword at ``at``, where q is the codeword's
+    value in ``grid_values`` (float32 [n_grid, width]: 2l + 1 for IQ2/IQ3, IQ1's shifted -1/0/1). Writes its
+    level indices ``grid_levels[index]`` into ``levels[at:]``; returns its index."""
+    width = grid_values.shape[1]
+    best_d2 = FLT_MAX
+    best = -1
+    for j in range(1, neighbours[start] + 1):
+        index = neighbours[start + j]
+        d2 = f32(0.0)
+        for i in range(width):
+            diff = scale * grid_values[index, i] - xval[at + i]
+            d2 += weight[at + i] * diff * diff
+        if d2 < best_d2:
+            best_d2 = d2
+            best = index
+    best = max(best, 0)  # ggml aborts (or reads out of bounds) where no distance is below FLT_MAX
+    for i in range(width):
+        levels[at + i] = grid_levels[best, i]
+    return best
+
+
+@inline_kernel
+def codeword_of(xval, at, inverse_scale, scale, weight, max_level, bits, index_map, neighbours, grid_values,
+                grid_levels, levels):
+    """One codeword of the i-quants' searches: each |x| rounded to its level ``nearest_int(0.5·(x/scale - 1))``
+    in [0, max_level); the pattern's codeword where it is one, else its best neighbour under ``scale``.
+    Writes ``levels[at:]``; returns (codeword index, whether the rounded pattern was on the grid)."""
+    pattern = 0
+    for i in range(grid_values.shape[1]):
+        level = max(0, min(max_level - 1, nearest_int(f32(0.5) * (inverse_scale * xval[at + i] - f32(1.0)))))
+        levels[at + i] = level
+        pattern |= level << (bits * i)
+    index = index_map[pattern]
+    if index >= 0:
+        return index, True
+    index = nearest_neighbour_codeword(neighbours, -index - 1, grid_values, grid_levels, xval, weight, at, scale,
+                                       levels)
+    return index, False
+
+
+@inline_kernel
+def codeword_fit(xval, weight, levels):
+    """(Σ w·x·q, Σ w·q²) of the odd positions q = 2l + 1, summed in ggml's order."""
+    sum_qx = f32(0.0)
+    sum_q2 = f32(0.0)
+    for i in range(xval.shape[0]):
+        q = f32(2 * levels[i] + 1)
+        sum_qx += weight[i] * xval[i] * q
+        sum_q2 += weight[i] * q * q
+    return sum_qx, sum_q2
+
+
+@inline_kernel
+def codeword_scale_search(xval, weight, waux, reference, scale, n_steps, step, max_level, bits, index_map,
+                          neighbours, grid_values, grid_levels, on_grid_start, recompute_always, recompute_all,
+                          levels, trial, on_grid, trial_on_grid):
+    """The scale search shared by quantize_row_iq2_xxs/iq2_xs/iq2_s/iq3_xxs/iq3_s_impl on one sub-block of
+    magnitudes ``xval``: for each inverse scale ``(2·max_level - 1 + is·step)/reference``, is in
+    -n_steps..n_steps, every codeword rounded (``codeword_of``, neighbours weighed by ``waux``), keeping the
+    weighted least-squares scale that fits best; then the codewords once more under the kept scale — always or
+    only where one kept was off the grid, for every codeword or only those — and the scale refitted.
+    ``scale``: the one kept when no candidate fits. Writes ``levels``; returns the scale. ``trial`` (like
+    levels), ``on_grid`` and ``trial_on_grid`` (one per codeword): scratch."""
+    width = grid_values.shape[1]
+    n_codewords = xval.shape[0] // width
+    for k in range(n_codewords):
+        on_grid[k] = on_grid_start
+    best = f32(0.0)
+    for s in range(-n_steps, n_steps + 1):
+        inverse = (f32(2 * max_level - 1) + f32(s) * step) / reference
+        this_scale = f32(1.0) / inverse
+        for k in range(n_codewords):
+            _, trial_on_grid[k] = codeword_of(xval, width * k, inverse, this_scale, waux, max_level, bits,
+                                              index_map, neighbours, grid_values, grid_levels, trial)
+        sum_qx, sum_q2 = codeword_fit(xval, weight, trial)
+        if sum_q2 > 0 and sum_qx * sum_qx > best * sum_q2:
+            scale = sum_qx / sum_q2
+            best = scale * sum_qx
+            levels[:] = trial
+            on_grid[:] = trial_on_grid
+    n_off_grid = 0
+    for k in range(n_codewords):
+        n_off_grid += 0 if on_grid[k] else 1
+    if (recompute_always or n_off_grid > 0) and scale > 0:
+        inverse = f32(1.0) / scale
+        for k in range(n_codewords):
+            if recompute_all or not on_grid[k]:
+                codeword_of(xval, width * k, inverse, scale, waux, max_level, bits, index_map, neighbours,
+                            grid_values, grid_levels, levels)
+        sum_qx, sum_q2 = codeword_fit(xval, weight, levels)
+        if sum_q2 > 0:
+            scale = sum_qx / sum_q2
+    return scale
