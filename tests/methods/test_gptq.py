@@ -19,7 +19,9 @@ from llmquant.formats.base import row_mean_square
 from llmquant.methods import gptq_quantize, hessian
 from llmquant.methods.gptq import _lazy_batch
 
-BLOCK_FORMATS = sorted(name for name, fmt in FORMATS.items() if fmt.block_size > 1)
+# GPTQ rounds one column at a time: the formats with one level per weight (not the IQ1-IQ3 codeword formats)
+BLOCK_FORMATS = sorted(name for name, fmt in FORMATS.items() if fmt.block_size > 1 and fmt.weights_per_level == 1)
+CODEWORD_FORMATS = sorted(name for name, fmt in FORMATS.items() if fmt.weights_per_level > 1)
 # twice as many tokens as input columns: H has full rank, so GPTQ's gain carries over to held-out inputs
 ROWS, COLUMNS, TOKENS = 64, 512, 1024
 
@@ -254,3 +256,10 @@ def test_input_scale_is_gptq_under_the_scaled_hessian(act_order):
     explicit = gptq_quantize(scaled_weights, scaled_H, "Q4_K", act_order=act_order, importance=importance)
     assert torch.equal(given.data, explicit.data) and torch.equal(given.weight, explicit.weight)
     assert given.proxy_error == pytest.approx(explicit.proxy_error, rel=1e-6)
+
+
+@pytest.mark.parametrize("type_name", CODEWORD_FORMATS)
+def test_gptq_refuses_codeword_formats_by_name(case, type_name):
+    weights, _, H = case
+    with pytest.raises(ValueError, match=f"{type_name} chooses one codeword per"):
+        gptq_quantize(weights, H, type_name)

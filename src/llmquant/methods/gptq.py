@@ -75,6 +75,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, type_name: str, *, damp
     fmt = get_format(type_name)
     if fmt.block_size <= 1:
         raise ValueError(f"GPTQ: {fmt.name} is not a block format (nothing to round)")
+    if fmt.weights_per_level > 1:
+        raise ValueError(f"GPTQ: {fmt.name} chooses one codeword per {fmt.weights_per_level} weights; GPTQ's sweep "
+                         "rounds one column at a time")
     if weight.ndim != 2:
         raise ValueError(f"GPTQ: expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     out_features, in_features = weight.shape

@@ -61,6 +61,9 @@ class MethodResult:
     seconds: float
     plain: list[str] = field(default_factory=list)  # block-format linears the method did not reach (plain rounding)
     idle_experts: list[str] = field(default_factory=list)  # "blk.0.ffn_up_exps.weight expert 3": no token, plain
+    # tensors of a codeword format (IQ1-IQ3: levels chosen per 4 or 8 weights), which GPTQ's column-by-column
+    # sweep cannot round: plain rounding (after AWQ's scales, for awq+gptq)
+    not_gptq: list[str] = field(default_factory=list)
     importance: dict[str, np.ndarray] = field(default_factory=dict)  # GGUF name -> the imatrix vector it gathered
     proxy_error: float = 0.0  # Σ over the method's tensors of tr(ΔW H ΔWᵀ), H on the calibration inputs
     proxy_error_rtn: float = 0.0  # the same for plain rounding of the same weights, for the summary
@@ -72,7 +75,7 @@ class MethodResult:
                 "output_error_rtn": self.proxy_error_rtn,
                 "layers": [{"layer": i, "output_error": e, "output_error_rtn": r}
                            for i, (e, r) in enumerate(self.layer_errors)],
-                "plain": self.plain, "idle_experts": self.idle_experts}
+                "plain": self.plain, "idle_experts": self.idle_experts, "not_gptq": self.not_gptq}
 
 
 def parse_method(method: str) -> str:
@@ -114,6 +117,7 @@ def quantize_with_method(folder: Path, method: str, tensor_types: Mapping[str, s
                    and name.endswith(".weight") and _is_matrix_name(name))
     return MethodResult(tensors=layer_quantizer.tensors, method=method, n_tokens=int(token_ids.numel()),
                         seconds=time.perf_counter() - start, plain=plain, idle_experts=layer_quantizer.idle_experts,
+                        not_gptq=layer_quantizer.not_gptq,
                         proxy_error=layer_quantizer.proxy_error, proxy_error_rtn=layer_quantizer.proxy_error_rtn,
                         layer_errors=layer_quantizer.layer_errors, importance=layer_quantizer.importance)
 
@@ -149,6 +153,7 @@ class LayerQuantizer:
         # GGUF name -> mean x² per input column (llama.cpp's imatrix vector), for whatever rounds a tensor plainly
         self.importance: dict[str, np.ndarray] = {}
         self.idle_experts: list[str] = []
+        self.not_gptq: list[str] = []
         self.norm_offset = norm_offset
         self.damp = damp
         self.act_order = act_order
@@ -362,7 +367,10 @@ class LayerQuantizer:
         if FORMATS[type_name].block_size == 1 or tuple(plan.shape[-2:]) != tuple(weight.shape):
             return  # float types are converted as they are; a reshaped tensor is left to plain rounding
         importance = stats.mean_squares if s is None else stats.mean_squares / s.square()
-        if "gptq" in self.method:
+        use_gptq = "gptq" in self.method and FORMATS[type_name].weights_per_level == 1
+        if "gptq" in self.method and not use_gptq:
+            self.not_gptq.append(plan.name)
+        if use_gptq:
             result = gptq_quantize(weight, stats.xtx, type_name, damp=self.damp, act_order=self.act_order,
                                    importance=importance, input_scale=s)
             data, rounded = np.asarray(result.data.cpu()), result.weight.float()

@@ -646,6 +646,9 @@ def format_results(results: Sequence[QuantizeResult], verbose: bool = False) -> 
             if m.plain:
                 lines.append(f"  {_count(len(m.plain), 'tensor')} not reached by {m.method}, rounded plainly "
                              f"(e.g. {m.plain[0]})")
+            if m.not_gptq:
+                lines.append(f"  {_count(len(m.not_gptq), 'tensor')} of codeword types (IQ1-IQ3) rounded without GPTQ, "
+                             f"which rounds one column at a time (e.g. {m.not_gptq[0]})")
             if m.idle_experts:
                 lines.append(f"  {_count(len(m.idle_experts), 'expert')} got no calibration token, rounded plainly "
                              f"(e.g. {m.idle_experts[0]})")
