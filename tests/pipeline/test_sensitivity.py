@@ -168,3 +168,34 @@ def test_a_size_that_is_not_one_is_refused(text):
 def test_auto_needs_a_budget(tiny):
     with pytest.raises(InputError, match="--target-size"):
         quantize_model(tiny["folder"], Path(tiny["out"]) / "x.gguf", "auto")
+
+
+def test_the_sensitivity_command_writes_its_report_and_quantize_reuses_it(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from llmquant.cli import cli
+
+    runner = CliRunner()
+    report = tmp_path / "report"
+    done = runner.invoke(cli, ["sensitivity", str(tiny["folder"]), "--calib", "builtin", "--calib-chunks", "1",
+                               "--calib-ctx", "32", "--candidates", "Q4_K,Q8_0", "-o", str(report)])
+    assert done.exit_code == 0, done.output
+    assert {p.name for p in report.iterdir()} == {"sensitivity.json", "report.md", "heatmap.png"}
+    assert set(Sensitivities.load(report / "sensitivity.json").types) == {"Q4_K", "Q8_0"}
+    done = runner.invoke(cli, ["quantize", str(tiny["folder"]), "-o", str(tmp_path / "auto.gguf"), "--type", "auto",
+                               "--target-bpw", "7", "--candidates", "Q4_K,Q8_0", "--sensitivities",
+                               str(report / "sensitivity.json")])
+    assert done.exit_code == 0, done.output
+    assert "auto mix from proxy sensitivities: predicted" in done.output and "general.file_type" in done.output
+    help_text = runner.invoke(cli, ["sensitivity", "--help"]).output
+    assert "Example" in help_text and "llmquant sensitivity" in help_text
+
+
+def test_the_budget_options_belong_to_type_auto(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from llmquant.cli import cli
+
+    done = CliRunner().invoke(cli, ["quantize", str(tiny["folder"]), "-o", str(tmp_path / "x.gguf"), "--type",
+                                    "Q4_K_M", "--target-bpw", "4.5"])
+    assert done.exit_code != 0 and "go with --type auto" in done.output
