@@ -55,10 +55,18 @@ class Sensitivities:
     n_tokens: int = 0  # calibration tokens the costs were measured on (0: from an imatrix alone)
     seconds: float = 0.0
     model: str = ""
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # ggml order, for llama.cpp's fallbacks
 
     def to_json(self) -> dict[str, Any]:
         return {"estimator": self.estimator, "model": self.model, "n_tokens": self.n_tokens, "seconds": self.seconds,
-                "costs": self.costs}
+                "shapes": {n: list(s) for n, s in self.shapes.items()}, "costs": self.costs}
+
+    def cost(self, name: str, type_name: str) -> float | None:
+        """The tensor's cost in ``type_name``, or in the type llama.cpp falls back to where its rows do not fit."""
+        by_type = self.costs[name]
+        if type_name not in by_type and name in self.shapes:
+            type_name = next(iter(candidate_types(name, self.shapes[name], [type_name])), type_name)
+        return by_type.get(type_name)
 
     def save(self, path: Path) -> Path:
         path = Path(path)
@@ -73,8 +81,9 @@ class Sensitivities:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             costs = {str(name): {str(t): float(c) for t, c in types.items()} for name, types in data["costs"].items()}
+            shapes = {str(n): tuple(int(d) for d in shape) for n, shape in data.get("shapes", {}).items()}
             return cls(str(data.get("estimator", "proxy")), costs, int(data.get("n_tokens", 0)),
-                       float(data.get("seconds", 0.0)), str(data.get("model", "")))
+                       float(data.get("seconds", 0.0)), str(data.get("model", "")), shapes)
         except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
             raise InputError(f"{path}: not a sensitivity file written by 'llmquant sensitivity' ({exc})") from None
 
@@ -236,7 +245,8 @@ def measure_proxy(source: Any, tensors: Sequence[QuantizableTensor], imatrix: Ma
         for name, by_type in pool.map(tensor_costs, rest):
             costs[name] = by_type
     ordered = {t.name: costs[t.name] for t in tensors}
-    return Sensitivities("proxy", ordered, n_tokens, time.perf_counter() - start)
+    return Sensitivities("proxy", ordered, n_tokens, time.perf_counter() - start,
+                         shapes={t.name: t.shape for t in tensors})
 
 
 @dataclass
@@ -381,7 +391,8 @@ def measure_kld(folder: Path, tensors: Sequence[QuantizableTensor], token_ids: t
                 costs[t.name][type_name] = max(kld, 0.0)
             with torch.no_grad():
                 parameter.copy_(original)
-    return Sensitivities("kld", costs, int(token_ids.numel()), time.perf_counter() - start)
+    return Sensitivities("kld", costs, int(token_ids.numel()), time.perf_counter() - start,
+                         shapes={t.name: t.shape for t in tensors})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -543,13 +554,14 @@ def kind_of(name: str) -> str:
 
 def layer_table(sensitivities: Sensitivities, type_name: str) -> tuple[list[int | None], list[str], np.ndarray]:
     """Rows: layers (None for the tensors outside the blocks); columns: tensor kinds; values: the cost in
-    ``type_name`` (NaN where that tensor has none)."""
+    ``type_name`` or its llama.cpp fallback (NaN where that tensor has neither)."""
     layers = sorted({layer_of(n) for n in sensitivities.costs}, key=lambda x: -1 if x is None else x)
     kinds = list(dict.fromkeys(kind_of(n) for n in sensitivities.costs))
     table = np.full((len(layers), len(kinds)), np.nan)
-    for name, by_type in sensitivities.costs.items():
-        if type_name in by_type:
-            table[layers.index(layer_of(name)), kinds.index(kind_of(name))] = by_type[type_name]
+    for name in sensitivities.costs:
+        cost = sensitivities.cost(name, type_name)
+        if cost is not None:
+            table[layers.index(layer_of(name)), kinds.index(kind_of(name))] = cost
     return layers, kinds, table
 
 
@@ -562,7 +574,8 @@ def format_report(sensitivities: Sensitivities, reference_type: str | None = Non
              f"{sensitivities.seconds:.1f} s. Cost: "
              + ("mean KL divergence with only that tensor quantized." if sensitivities.estimator == "kld"
                 else "output error tr(ΔW H ΔWᵀ) on the calibration inputs (lower is better)."), "",
-             f"## Per layer (total cost in {reference_type})", "", "| layer | total | most sensitive kind |",
+             f"## Per layer (total cost in {reference_type}, or llama.cpp's fallback where the rows do not fit)", "",
+             "| layer | total | most sensitive kind |",
              "|---|---|---|"]
     layers, kinds, table = layer_table(sensitivities, reference_type)
     for row, layer in zip(table, layers, strict=True):
@@ -573,7 +586,7 @@ def format_report(sensitivities: Sensitivities, reference_type: str | None = Non
     for k, kind in sorted(enumerate(kinds), key=lambda item: -np.nansum(table[:, item[0]])):
         lines.append(f"| {kind} | {np.nansum(table[:, k]):.4g} |")
     lines += ["", "## Per tensor", "", "| tensor | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
-    order = sorted(sensitivities.costs, key=lambda n: -sensitivities.costs[n].get(reference_type, 0.0))
+    order = sorted(sensitivities.costs, key=lambda n: -(sensitivities.cost(n, reference_type) or 0.0))
     for name in order:
         by_type = sensitivities.costs[name]
         lines.append(f"| {name} | " + " | ".join(f"{by_type[t]:.4g}" if t in by_type else "" for t in types) + " |")
@@ -608,7 +621,7 @@ def plot_heatmap(sensitivities: Sensitivities, path: Path, types: Sequence[str] 
         with np.errstate(divide="ignore", invalid="ignore"):
             shown = np.log10(np.where(table > 0, table, np.nan))
         image = ax.imshow(shown, aspect="auto", cmap="magma", vmin=low, vmax=high, interpolation="nearest")
-        ax.set_title(type_name, fontsize=9)
+        ax.set_title(f"{type_name} (or its fallback)", fontsize=8)
         ax.set_xticks(range(len(kinds)), kinds, rotation=90, fontsize=6)
         ax.set_yticks(range(len(layers)), ["-" if x is None else str(x) for x in layers], fontsize=5)
     for ax in list(axes.flat)[n:]:
