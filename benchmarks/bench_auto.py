@@ -19,6 +19,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,9 @@ def main() -> None:
     parser.add_argument("--kld-types", default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K")
     parser.add_argument("--kld-chunks", type=int, default=1)
     parser.add_argument("--kld-ctx", type=int, default=256, help="tokens of each chunk the kld estimator runs")
+    parser.add_argument("--candidate-sets", default="all",
+                        help="';'-separated candidate lists for --type auto, 'all' for the default, e.g. "
+                             "'all;Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0'")
     parser.add_argument("--sensitivities", type=Path, default=None, help="reuse this sensitivity.json (no timing)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the files in this folder")
     args = parser.parse_args()
@@ -133,17 +137,19 @@ def main() -> None:
                 base = score(reference_file)
                 rows.append((type_name, "llama.cpp imatrix", size, base, 1.0))
                 print(_row(*rows[-1]), flush=True)
-                made = auto_plan(source, proxy, size, candidates, has_imatrix=True)
-                target = work / f"auto-at-{type_name}.gguf"
-                quantize_gguf(source, target, made.plan.file_type, imatrix=imatrix, plan=made.plan,
-                              threads=args.threads)
-                result = score(target)
-                counts = {}
-                for t in made.allocation.types.values():
-                    counts[t] = counts.get(t, 0) + 1
-                rows.append((type_name, f"auto rtn ({', '.join(f'{n} {t}' for t, n in sorted(counts.items()))})",
-                             target.stat().st_size, result, result.figures.kld_mean / base.figures.kld_mean))
-                print(_row(*rows[-1]), flush=True)
+                for label in args.candidate_sets.split(";"):
+                    names = candidates if label == "all" else label.split(",")
+                    made = auto_plan(source, proxy, size, names, has_imatrix=True)
+                    target = work / f"auto-at-{type_name}-{len(names)}.gguf"
+                    quantize_gguf(source, target, made.plan.file_type, imatrix=imatrix, plan=made.plan,
+                                  threads=args.threads)
+                    result = score(target)
+                    counts = Counter(made.allocation.types.values())
+                    what = "every type" if label == "all" else label
+                    mix = ", ".join(f"{n} {t}" for t, n in counts.most_common())
+                    rows.append((type_name, f"auto rtn from {what} ({mix})",
+                                 target.stat().st_size, result, result.figures.kld_mean / base.figures.kld_mean))
+                    print(_row(*rows[-1]), flush=True)
 
     print(f"\nKLD on {args.eval_chunks} chunks of {args.eval} (ctx {args.ctx}) against the F32 model; "
           f"calibration: {args.calib_chunks} chunks of {args.calib}")
