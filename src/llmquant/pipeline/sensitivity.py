@@ -204,10 +204,7 @@ def measure_proxy(source: Any, tensors: Sequence[QuantizableTensor], imatrix: Ma
     rest = [t for t in tensors if t.name not in costs]
     names = {t.name for t in source.header.tensors}
     tied = "output.weight" not in names
-    token_counts = None
-    if token_ids is not None:
-        counts = torch.bincount(token_ids.reshape(-1).long().cpu())
-        token_counts = counts
+    token_counts = torch.bincount(token_ids.reshape(-1).long().cpu()) if token_ids is not None else None
     scale = n_tokens or 1
     mean_importance = float(np.mean([np.mean(v) for v in importance.values()])) if importance else 1.0
 
@@ -215,29 +212,32 @@ def measure_proxy(source: Any, tensors: Sequence[QuantizableTensor], imatrix: Ma
         weight = _read_weight(source, t.name)
         vector = _importance(importance, t.name, t.shape[0])
         category = tensor_category(t.name)
-        head = category is Category.OUTPUT or (tied and category is Category.TOKEN_EMBD)
+        is_head = category is Category.OUTPUT or (tied and category is Category.TOKEN_EMBD)
         head_vector = _importance(importance, "output.weight", t.shape[0])
         if head_vector is None and head_importance is not None and head_importance.size == t.shape[0]:
             head_vector = head_importance
+        row_weights = None
+        if category is Category.TOKEN_EMBD and token_counts is not None:  # a lookup: each row as often as its token
+            row_weights = torch.zeros(weight.shape[0], dtype=torch.float64)
+            n = min(row_weights.numel(), token_counts.numel())
+            row_weights[:n] = token_counts[:n].double()
+
+        def diagonal(rounded: torch.Tensor, columns: np.ndarray | None) -> float:
+            # n_tokens · Σ_j h_j Σ_r Δw_rj²; without an importance vector, unit columns at the others' mean scale
+            if columns is None:
+                return scale * mean_importance * _weighted_error(weight, rounded, None)
+            return scale * _weighted_error(weight, rounded, torch.from_numpy(columns))
+
         out = {}
         for type_name in t.candidates:
             rounded = _rounded(weight, type_name, vector)
             if category is Category.TOKEN_EMBD:
-                rows = None
-                if token_counts is not None:
-                    rows = torch.zeros(weight.shape[0], dtype=torch.float64)
-                    n = min(rows.numel(), token_counts.numel())
-                    rows[:n] = token_counts[:n].double()
-                cost = _weighted_error(weight, rounded, None, rows) * (1.0 if rows is not None else mean_importance)
-                if head:
-                    columns = torch.from_numpy(head_vector) if head_vector is not None else None
-                    cost += scale * _weighted_error(weight, rounded, columns) * (
-                        1.0 if columns is not None else mean_importance)
+                cost = (_weighted_error(weight, rounded, None, row_weights) if row_weights is not None
+                        else diagonal(rounded, None))
+                if is_head:
+                    cost += diagonal(rounded, head_vector)
             else:
-                columns = torch.from_numpy(head_vector if head and head_vector is not None else vector) \
-                    if (head_vector if head else vector) is not None else None
-                cost = scale * _weighted_error(weight, rounded, columns) * (1.0 if columns is not None else
-                                                                             mean_importance)
+                cost = diagonal(rounded, head_vector if is_head else vector)
             out[type_name] = cost
         return t.name, out
 
@@ -507,19 +507,16 @@ def auto_plan(source: Any, sensitivities: Sensitivities, budget_bytes: int, cand
                              f"the sensitivities have {', '.join(measured)}")
         groups.append(TensorGroup((t.name,), options))
     head = header_bytes(source)
-    allocation = allocate(groups, budget_bytes - head - fixed_bytes) if budget_bytes - head - fixed_bytes >= 0 else \
-        _too_small(budget_bytes, head + fixed_bytes)
+    if budget_bytes < head + fixed_bytes:
+        raise InputError(f"a budget of {budget_bytes:,} bytes is too small: the header and the tensors kept as they "
+                         f"are need {head + fixed_bytes:,} already")
+    allocation = allocate(groups, budget_bytes - head - fixed_bytes)
     types.update(allocation.types)
     ordered = {t.name: types[t.name] for t in source.header.tensors}
     tensor_bytes = sum(tensor_nbytes(tuple(reversed(source.tensor(n).shape)), _qtype(ty)) for n, ty in ordered.items())
     ft = nearest_file_type(source, tensor_bytes, has_imatrix)
     plan = MixPlan(file_type=ft, types=ordered)
     return AutoPlan(plan, allocation, head + fixed_bytes + allocation.n_bytes, budget_bytes, sensitivities.estimator)
-
-
-def _too_small(budget: int, needed: int) -> Allocation:
-    raise InputError(f"a budget of {budget:,} bytes is too small: the header and the tensors kept as they are need "
-                     f"{needed:,} already")
 
 
 # ---------------------------------------------------------------------------------------------------------------
