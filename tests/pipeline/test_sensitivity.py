@@ -199,3 +199,11 @@ def test_the_budget_options_belong_to_type_auto(tiny, tmp_path):
     done = CliRunner().invoke(cli, ["quantize", str(tiny["folder"]), "-o", str(tmp_path / "x.gguf"), "--type",
                                     "Q4_K_M", "--target-bpw", "4.5"])
     assert done.exit_code != 0 and "go with --type auto" in done.output
+
+
+def test_auto_refuses_the_mix_options_it_would_ignore(tiny):
+    from llmquant.recipes.mixes import MixOptions
+
+    with pytest.raises(InputError, match="--type auto chooses"):
+        quantize_model(tiny["folder"], Path(tiny["out"]) / "x.gguf", "auto", auto=AutoRequest(target_bpw=5),
+                       options=MixOptions(tensor_types=(("attn_v", "Q8_0"),)))

@@ -458,6 +458,9 @@ def quantize_model(
     is_auto = isinstance(types, str) and types.strip().lower() == "auto"
     if is_auto and auto is None:
         raise InputError("--type auto needs a budget: give --target-size SIZE or --target-bpw BITS")
+    if is_auto and options is not None and options != MixOptions():
+        raise InputError("--type auto chooses every tensor's type itself: --pure, --tensor-type, --output-tensor-type, "
+                         "--token-embedding-type and --leave-output-tensor do not apply to it")
     file_types = [] if is_auto else parse_file_types(types)
     method = parse_method(method)
     if method != "rtn" and not calib:
