@@ -168,7 +168,8 @@ class _QuantizeCommand(click.Command):
               help="Output GGUF file, or a folder (ending in /, existing, or several types given): MODEL-TYPE.gguf "
                    "for each type.")
 @click.option("-t", "--type", "types", required=True, metavar="TYPE[,TYPE…]",
-              help="llama.cpp file type(s), comma-separated, e.g. Q4_K_M or Q4_K_M,Q6_K (see the list below).")
+              help="llama.cpp file type(s), comma-separated, e.g. Q4_K_M or Q4_K_M,Q6_K (see the list below); or auto "
+                   "(a mix chosen per tensor from measured sensitivities for --target-size or --target-bpw).")
 @click.option("--imatrix", "imatrix_file", default=None, metavar="FILE",
               help="Importance matrix: ours or llama.cpp's (imatrix GGUF or legacy .dat).")
 @click.option("--calib", multiple=True, metavar="TEXT",
@@ -195,11 +196,25 @@ class _QuantizeCommand(click.Command):
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
 @click.option("-v", "--verbose", is_flag=True, help="With --method: the output error of each layer against rtn's.")
+@click.option("--target-size", default=None, metavar="SIZE",
+              help="--type auto: the whole file's size, e.g. 3.9GB, 3.6GiB, 80MB, or bytes.")
+@click.option("--target-bpw", type=float, default=None, metavar="BITS", help="--type auto: bits per weight.")
+@click.option("--candidates", default=None, metavar="TYPE[,TYPE…]",
+              help="--type auto: the tensor types to choose from (default: every implemented block format; the "
+                   "i-quants only with an importance matrix).")
+@click.option("--sensitivity", "estimator", type=click.Choice(["proxy", "kld"]), default="proxy", show_default=True,
+              help="--type auto: proxy (output error on the calibration inputs, fast) or kld (measured KL "
+                   "divergence, one tensor at a time; needs --calib).")
+@click.option("--sensitivities", "sensitivities_file", default=None, metavar="FILE",
+              help="--type auto: reuse the sensitivity.json of 'llmquant sensitivity' instead of measuring.")
+@click.option("--sensitivity-chunks", type=int, default=8, show_default=True,
+              help="--type auto: calibration chunks the sensitivities are measured on.")
 def quantize(model: str, output: str, types: str, imatrix_file: str | None, calib: tuple[str, ...],
              calib_chunks: int, calib_ctx: int, pure: bool, output_tensor_type: str | None, allow_pickle: bool,
              token_embedding_type: str | None, tensor_types: tuple[str, ...], leave_output_tensor: bool,
              method: str, damp: float, act_order: bool, threads: int | None, device: str, as_json: bool,
-             verbose: bool) -> None:
+             verbose: bool, target_size: str | None, target_bpw: float | None, candidates: str | None,
+             estimator: str, sensitivities_file: str | None, sensitivity_chunks: int) -> None:
     """Quantize a model to one of llama.cpp's mixes, with the same tensor types as llama-quantize.
 
     MODEL is a Hugging Face folder, 'smollm2-135m', or an F32/F16/BF16 GGUF. Without --imatrix or
@@ -212,10 +227,13 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
       llmquant quantize model-f16.gguf -o out.gguf --type Q5_K_M --imatrix imatrix.gguf
       llmquant quantize ./model -o out.gguf --type Q4_K_M --tensor-type 'ffn_down=Q6_K'
       llmquant quantize smollm2-135m -o q4.gguf --type Q4_K_M --method awq+gptq --calib builtin
+      llmquant quantize smollm2-135m -o auto.gguf --type auto --target-bpw 4.5 --calib builtin
     """
     from llmquant.pipeline.quantize import format_results, quantize_model, results_json
     from llmquant.recipes.mixes import MixOptions
 
+    auto = _auto_request(types, target_size, target_bpw, candidates, estimator, sensitivities_file,
+                         sensitivity_chunks)
     overrides = []
     for item in tensor_types:
         pattern, sep, type_name = item.rpartition("=")
@@ -234,10 +252,62 @@ def quantize(model: str, output: str, types: str, imatrix_file: str | None, cali
                                  device=device, threads=threads, calib_chunks=calib_chunks, calib_ctx=calib_ctx,
                                  allow_pickle=allow_pickle,
                                  progress=True, log=lambda msg: click.echo(msg, err=True), method=method.lower(),
-                                 damp=damp, act_order=act_order)
+                                 damp=damp, act_order=act_order, auto=auto)
     except ValueError as exc:  # bad option values reported by the recipes
         raise click.ClickException(str(exc)) from None
     click.echo(results_json(results) if as_json else format_results(results, verbose=verbose))
+
+
+def _auto_request(types: str, target_size: str | None, target_bpw: float | None, candidates: str | None,
+                  estimator: str, sensitivities_file: str | None, sensitivity_chunks: int):
+    """The --type auto options as a pipeline request; None (and the options refused) for llama.cpp's mixes."""
+    from llmquant.pipeline.sensitivity import AutoRequest, parse_size
+
+    if types.strip().lower() != "auto":
+        if target_size is not None or target_bpw is not None or candidates or sensitivities_file:
+            raise click.UsageError("--target-size, --target-bpw, --candidates and --sensitivities go with --type auto")
+        return None
+    if (target_size is None) == (target_bpw is None):
+        raise click.UsageError("--type auto: give exactly one of --target-size or --target-bpw")
+    return AutoRequest(target_size=parse_size(target_size) if target_size is not None else None,
+                       target_bpw=target_bpw, candidates=candidates, estimator=estimator,
+                       sensitivities_file=sensitivities_file, calib_chunks=sensitivity_chunks)
+
+
+@cli.command()
+@click.argument("model", metavar="MODEL")
+@click.option("-o", "--output", "output_dir", default="sensitivity", show_default=True,
+              help="Folder for sensitivity.json, report.md and heatmap.png.")
+@click.option("--calib", multiple=True, metavar="TEXT",
+              help="Calibration text (file, JSONL, or 'builtin'); repeatable. Needs a Hugging Face model.")
+@click.option("--imatrix", "imatrix_file", default=None, metavar="FILE", help="Importance matrix to quantize with.")
+@click.option("--sensitivity", "estimator", type=click.Choice(["proxy", "kld"]), default="proxy", show_default=True,
+              help="proxy: output error on the calibration inputs; kld: measured KL divergence, one tensor at a time.")
+@click.option("--candidates", default=None, metavar="TYPE[,TYPE…]", help="Tensor types to measure (default: all).")
+@click.option("--calib-chunks", type=int, default=8, show_default=True, help="Calibration chunks to measure on.")
+@click.option("--calib-ctx", type=int, default=512, show_default=True, help="Tokens per calibration chunk.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+def sensitivity(model: str, output_dir: str, calib: tuple[str, ...], imatrix_file: str | None, estimator: str,
+                candidates: str | None, calib_chunks: int, calib_ctx: int, threads: int | None, device: str) -> None:
+    """Measure how much each tensor suffers in each tensor type: which layers and kinds are sensitive.
+
+    Writes sensitivity.json (reused by 'quantize --type auto --sensitivities'), report.md (per tensor, per layer,
+    per kind of tensor) and heatmap.png (layers × tensor kinds, one panel per type).
+
+    \b
+    Examples:
+      llmquant sensitivity smollm2-135m --calib builtin -o report/
+      llmquant sensitivity ./model --calib wiki.txt --sensitivity kld --candidates Q3_K,Q4_K,Q6_K
+    """
+    from llmquant.pipeline.sensitivity import run_sensitivity
+
+    sensitivities, written = run_sensitivity(model, output_dir, calib=list(calib), imatrix_file=imatrix_file,
+                                             estimator=estimator, candidates=candidates, calib_chunks=calib_chunks,
+                                             calib_ctx=calib_ctx, device=device, threads=threads, progress=True,
+                                             log=lambda msg: click.echo(msg, err=True))
+    click.echo(f"{len(sensitivities.costs)} tensors, {sensitivities.estimator} sensitivities in "
+               f"{sensitivities.seconds:.1f} s; wrote " + ", ".join(str(p) for p in written.values()))
 
 
 _EVAL_TEXT_HELP = ("Evaluation text: plain text or JSONL with a 'text' field, or 'heldout'; repeatable. Default: "

@@ -60,6 +60,7 @@ class QuantizeResult:
     unweighted: list[str] = field(default_factory=list)  # quantized tensors the imatrix had no entry for
     method: Any = None  # pipeline.calibrated.MethodResult, when a calibrated method made the linears
     recorded: dict[str, str | int] = field(default_factory=dict)  # the keys saying how the file was made
+    auto: Any = None  # pipeline.sensitivity.AutoPlan, for --type auto
 
     @property
     def bits_per_weight(self) -> float:
@@ -70,7 +71,9 @@ class QuantizeResult:
                 "bits_per_weight": self.bits_per_weight, "tensor_types": self.type_counts, "seconds": self.seconds,
                 "imatrix": self.imatrix, "fallbacks": self.fallbacks, "unweighted": self.unweighted,
                 "method": self.method.to_json() if self.method is not None else {"method": "rtn"},
-                "recorded": self.recorded}
+                "recorded": self.recorded,
+                **({"auto": {"estimator": self.auto.estimator, "budget_bytes": self.auto.budget_bytes,
+                             "predicted_bytes": self.auto.predicted_bytes}} if self.auto is not None else {})}
 
 
 def supported_file_types() -> list[str]:
@@ -465,14 +468,22 @@ def quantize_model(
     method: str = "rtn",
     damp: float = 0.01,
     act_order: bool = False,
+    auto: Any = None,
 ) -> list[QuantizeResult]:
     """Quantize ``model`` to each file type in ``types``; one conversion and one imatrix serve them all.
 
     ``method``: ``rtn`` (llama-quantize's bytes), or ``gptq``, ``awq``, ``awq+gptq`` (``pipeline.calibrated``:
-    the decoder layers' linears calibrated layer by layer on ``calib``, a Hugging Face folder needed)."""
+    the decoder layers' linears calibrated layer by layer on ``calib``, a Hugging Face folder needed).
+    ``auto``: a ``pipeline.sensitivity.AutoRequest`` when ``types`` is ``auto`` (a mix chosen for a size budget)."""
     from llmquant.pipeline.calibrated import parse_method
 
-    file_types = parse_file_types(types)
+    is_auto = isinstance(types, str) and types.strip().lower() == "auto"
+    if is_auto and auto is None:
+        raise InputError("--type auto needs a budget: give --target-size SIZE or --target-bpw BITS")
+    if is_auto and options is not None and options != MixOptions():
+        raise InputError("--type auto chooses every tensor's type itself: --pure, --tensor-type, --output-tensor-type, "
+                         "--token-embedding-type and --leave-output-tensor do not apply to it")
+    file_types = [] if is_auto else parse_file_types(types)
     method = parse_method(method)
     if method != "rtn" and not calib:
         raise InputError(f"--method {method} calibrates on text: give --calib TEXT (e.g. --calib builtin)")
@@ -487,7 +498,10 @@ def quantize_model(
     model_path = resolve_model(model) if str(model) == DEMO_MODEL_NAME else Path(model).expanduser()
     if not model_path.exists():
         raise InputError(f"{model_path}: no such file or folder (or use the built-in demo model '{DEMO_MODEL_NAME}')")
-    targets = _output_paths(output, as_folder, file_types, model, model_path)
+    if is_auto:  # one file, its type known once the mix is chosen
+        targets = {"auto": output / f"{_output_stem(model, model_path)}-auto.gguf" if as_folder else output}
+    else:
+        targets = _output_paths(output, as_folder, file_types, model, model_path)
     preflight.check_quantize(model_path, list(targets.values()), imatrix_file, calib or (), calib_ctx, calib_chunks,
                              allow_pickle)
 
@@ -547,10 +561,21 @@ def quantize_model(
         token_ids, calib_names = None, []
         if method != "rtn":
             token_ids, calib_names = _calibration_tokens(model_path, calib, calib_ctx, calib_chunks)
+        auto_plans = {}
+        if is_auto:  # the automatic mix, then written like any other file type's plan
+            from llmquant.pipeline.sensitivity import plan_auto
+
+            made_auto = plan_auto(auto, source, model_path if model_path.is_dir() else None, imatrix, calib,
+                                  calib_ctx, has_imatrix=imatrix is not None or bool(calib), device=device,
+                                  threads=threads, progress=progress, log=log)
+            file_types = [made_auto.plan.file_type]
+            auto_plans[made_auto.plan.file_type.name] = made_auto
+            targets = {made_auto.plan.file_type.name: targets["auto"]}
         results = []
         for ft in file_types:
             target = targets[ft.name]
-            plan = plan_file_type(source, ft, options, has_imatrix=imatrix is not None or method != "rtn")
+            plan = auto_plans[ft.name].plan if ft.name in auto_plans else \
+                plan_file_type(source, ft, options, has_imatrix=imatrix is not None or method != "rtn")
             made = None
             ft_imatrix, ft_imatrix_name = imatrix, imatrix_name
             metadata = provenance.metadata() if provenance is not None else []
@@ -577,6 +602,7 @@ def quantize_model(
                 if store is not None:
                     store.close()
             result.method = made
+            result.auto = auto_plans.get(ft.name)
             results.append(result)
         return results
     except OSError as exc:  # a disk that filled up mid-job: one line naming the output
@@ -634,6 +660,11 @@ def format_results(results: Sequence[QuantizeResult], verbose: bool = False) -> 
         lines.append(f"{r.path}: {r.file_type}, {human_bytes(r.n_bytes)}, {r.bits_per_weight:.3f} bits per weight, "
                      f"{r.seconds:.1f} s")
         lines.append(f"  tensors: {types}")
+        if r.auto is not None:
+            lines.append(f"  auto mix from {r.auto.estimator} sensitivities: predicted {r.auto.predicted_bytes:,} "
+                         f"bytes, actual {r.n_bytes:,}, budget {r.auto.budget_bytes:,}; "
+                         f"general.file_type {r.file_type} "
+                         "(the llama.cpp mix nearest in size)")
         if r.fallbacks:
             lines.append(f"  {_count(r.fallbacks, 'tensor')} used a fallback type (rows not a multiple of the block "
                          "size)")
