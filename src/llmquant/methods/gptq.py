@@ -128,6 +128,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, type_name: str, *, damp
         del H_work
         sweep = _sweep(fmt, W, Hinv, importance, None, lazy_batch)
         params, Q, levels = sweep.params, sweep.quantized, sweep.levels
+    del Hinv, sweep, W  # before the error is measured: the largest layer's peak
 
     data = fmt.pack(levels.reshape(-1, fmt.block_size), params).reshape(out_features, -1)
     if input_scale is not None:  # tr(ΔW H_s ΔWᵀ) = tr((ΔW/s) H (ΔW/s)ᵀ): no scaled H needed
