@@ -150,3 +150,16 @@ def test_non_finite_values_are_refused():
         awq_search_scales([w], bad_x, ["Q4_0"])
     with pytest.raises(ValueError, match="importance"):
         awq_search_scales([w], x, ["Q4_0"], importance=torch.full((COLUMNS,), -1.0))
+
+
+@pytest.mark.parametrize("type_name", ["IQ2_XXS", "IQ3_S"])
+def test_codeword_formats_are_searched_under_their_own_rounding(type_name):
+    """IQ1-IQ3 choose one codeword per 4 or 8 weights: AWQ only quantizes and dequantizes, so the search and
+    its reported errors hold for them as for every format."""
+    w, x = _weights(rows=32), _inputs()
+    result = awq_search_scales([w], x, [type_name], n_grid=4)
+    assert result.errors[0] == pytest.approx(_output_error(w, _rounded(w, type_name, x.square().mean(0)), x),
+                                             rel=1e-6)
+    assert min(result.errors) == result.errors[round(result.alpha * 4)] <= result.errors[0]
+    chosen = _output_error(w, _awq_rounded(w, type_name, result.scales, x.square().mean(0)), x)
+    assert min(result.errors) == pytest.approx(chosen, rel=1e-6)

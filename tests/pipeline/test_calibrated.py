@@ -243,14 +243,14 @@ def _codeword_file_type(name: str) -> bool:
 
 @pytest.fixture(scope="module")
 def every_file_type(tiny_llama_hf, tmp_path_factory):
-    """Every file type we offer, by rtn and by awq+gptq (one call each: one conversion serves all types). The
-    codeword file types but two go by gptq, which rounds their codeword tensors plainly: AWQ's search rounds
-    every linear twenty times, and ggml's IQ1/IQ2 searches are the slowest there are; IQ2_XXS and IQ3_S keep
-    AWQ on a codeword grid covered."""
+    """Every file type we offer, by rtn and by a method (one call each: one conversion serves all types): awq+gptq,
+    but gptq for the codeword file types (IQ1-IQ3), which rounds their codeword tensors plainly: AWQ's search
+    rounds every linear twenty times, and ggml's IQ1/IQ2 searches are the slowest there are (AWQ on a codeword
+    grid is tested in tests/methods/test_awq.py)."""
     out = tmp_path_factory.mktemp("every-type")
     options = dict(calib=["builtin"], calib_chunks=1, calib_ctx=64)
     types = supported_file_types()
-    by_gptq = [t for t in types if _codeword_file_type(t) and t not in ("IQ2_XXS", "IQ3_S")]
+    by_gptq = [t for t in types if _codeword_file_type(t)]
     by_awq = [t for t in types if t not in by_gptq]
     rtn = quantize_model(tiny_llama_hf, out / "rtn", types, **options)
     ours = quantize_model(tiny_llama_hf, out / "awq", by_awq, method="awq+gptq", **options)

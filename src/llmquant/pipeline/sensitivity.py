@@ -708,7 +708,7 @@ class prepared_source:  # noqa: N801 - used as a context manager, like open()
             convert_model(model_path, source_path, outtype=_lossless_outtype(model_path), progress=progress)
             folder = model_path
             if calib:
-                token_ids = _calibration_tokens(model_path, calib, calib_ctx, calib_chunks)
+                token_ids, _ = _calibration_tokens(model_path, calib, calib_ctx, calib_chunks)
                 if imatrix is None:
                     from llmquant.pipeline.imatrix import run_imatrix
 
@@ -761,7 +761,7 @@ def plan_auto(request: AutoRequest, source: Any, folder: Path | None, imatrix: M
     if request.sensitivities_file:
         sensitivities = Sensitivities.load(request.sensitivities_file)
     else:
-        token_ids = _calibration_tokens(folder, calib, calib_ctx, request.calib_chunks) if folder and calib else None
+        token_ids = _calibration_tokens(folder, calib, calib_ctx, request.calib_chunks)[0] if folder and calib else None
         sensitivities = measure_sensitivities(source, request.estimator, candidates, imatrix, folder=folder,
                                               token_ids=token_ids, device=device, threads=threads, progress=progress,
                                               log=log)
